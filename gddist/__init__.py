@@ -1,0 +1,33 @@
+"""gddist: Hydra-configured distributed data-parallel training of mini-batch gradient descent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
+    """Train one run described by `cfg` (a `Config` or a plain dict) into `run_dir`.
+
+    Order matters (DESIGN.md invariant 6): config, world-size and data checks all happen before the
+    process group is joined, so a user mistake fails fast with one line on every rank. The process
+    group is always torn down, whatever happens.
+    """
+    from gddist import data as data_mod
+    from gddist import dist as dist_mod
+    from gddist.config import Config
+    from gddist.trainer import Trainer
+
+    if not isinstance(cfg, Config):
+        cfg = Config.from_dict(cfg)
+    env = dist_mod.detect_launch()
+    cfg.check_world(env.world_size)
+    data = data_mod.build(cfg.data, cfg.seed)
+    dist = dist_mod.init(cfg.dist, env)
+    try:
+        trainer = Trainer(cfg, data, dist, Path(run_dir))
+        return trainer.fit()
+    finally:
+        dist.close()

@@ -1,0 +1,158 @@
+"""The glue between Hydra and gddist: resolvers, early override checks, the task function.
+
+Exit codes of `python train.py`: 0 done, 2 bad config or data (one line on stderr), 3 the run
+diverged under trainer.on_nonfinite=stop (summary.json says diverged: true).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gddist.config import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+
+log = logging.getLogger("gddist")
+
+
+def run_name(environ: Mapping[str, str] | None = None) -> str:
+    """A run-dir name that every rank and every restart of one job computes identically.
+
+    GDDIST_RUN_NAME wins; else the SLURM job (stable across requeues); else torchrun's rendezvous
+    id (shared by all workers and kept across --max-restarts); else, under a single-node torchrun
+    without an id, the start time of the torchrun agent (the workers' parent); else now.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("GDDIST_RUN_NAME"):
+        return env["GDDIST_RUN_NAME"]
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    if "RANK" in env:
+        run_id = env.get("TORCHELASTIC_RUN_ID", "none")
+        if run_id not in ("", "none"):
+            return f"torchrun-{run_id}"
+        started = _parent_start_time()
+        if started is not None:
+            return started.strftime("%Y-%m-%d/%H-%M-%S")
+    return datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def _parent_start_time() -> datetime.datetime | None:
+    """Wall-clock start of the parent process (Linux /proc); None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{os.getppid()}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return datetime.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def output_subdir() -> str | None:
+    """Hydra writes .hydra/ (the composed config) from rank 0 only."""
+    from gddist.dist import detect_launch
+
+    return ".hydra" if detect_launch().rank == 0 else None
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("gddist_run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("gddist_output_subdir", output_subdir, replace=True)
+
+
+def check_overrides(argv: Sequence[str], conf_dir: Path) -> None:
+    """Reject bad command-line overrides with one line, before Hydra starts.
+
+    Hydra would reject them too, but with a multi-line report. An unknown `group=option` lists the
+    choices; any other composition error (an unknown key, a bad value type) is condensed to its
+    message. Runs only for plain `key=value` command lines (not with Hydra flags like -m or -cn).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    flags = any(a.startswith("-") for a in argv)  # -m, --cfg job, -cn NAME ...
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception as e:  # a malformed override
+        raise UserError(_one_line(e)) from None
+    for o in overrides:
+        group = o.key_or_group
+        if o.is_delete() or o.package or not (conf_dir / group).is_dir():
+            continue
+        choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        for value in values:
+            if value is not None and str(value) not in choices:
+                raise UserError(
+                    f"unknown {group} option {str(value)!r}; choose one of: {', '.join(choices)}"
+                )
+    if flags or any(o.is_sweep_override() for o in overrides):
+        return  # composition of sweeps and flagged command lines is left to Hydra
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        try:
+            compose("config", overrides=list(argv))
+        except Exception as e:
+            raise UserError(_one_line(e)) from None
+
+
+def _one_line(e: Exception) -> str:
+    unknown = re.match(r"Could not override '([^']+)'", str(e))
+    if unknown:
+        key = unknown.group(1)
+        return f"unknown config key {key!r}; check the spelling, or add a new key with +{key}=..."
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith(" ")]
+    return "; ".join(lines) or type(e).__name__
+
+
+def fail(message: str) -> None:
+    """Print a user error as one line (rank 0 only) and exit with EXIT_USER_ERROR."""
+    from gddist.dist import detect_launch
+
+    if detect_launch().rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def task(cfg: Any) -> dict[str, Any] | None:
+    """The body of the Hydra task function: DictConfig in, a trained run in the Hydra run dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    import gddist
+    from gddist.dist import detect_launch
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if detect_launch().rank != 0:
+        logging.getLogger("gddist").setLevel(logging.WARNING)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        summary = gddist.run(plain, run_dir)
+    except UserError as e:
+        fail(str(e))
+    except Exception as e:  # omegaconf's MissingMandatoryValue and interpolation errors
+        if type(e).__module__.startswith("omegaconf"):
+            fail(f"config: {e}".splitlines()[0])
+        raise
+    multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
+    if summary["diverged"] and not multirun:  # in a sweep a diverged job is a result, not a crash
+        sys.exit(EXIT_DIVERGED)
+    return summary

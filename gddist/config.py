@@ -1,0 +1,327 @@
+"""Typed run configuration: the schema, its defaults, and validation done once.
+
+The Hydra entry turns the composed DictConfig into a plain dict and calls `Config.from_dict`;
+nothing below the entry sees a DictConfig. Every check that can be done without the data or the
+process group happens here, and each failure is a `UserError` whose message names the key, the
+value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake in the user's config or data: reported as one line, exit code 2, no traceback."""
+
+
+DATA_NAMES = ("purchase", "csv")
+TASKS = ("auto", "binary", "multiclass", "regression")
+MODEL_NAMES = ("linear", "mlp", "custom")
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
+SCHEDULER_NAMES = ("constant", "step", "cosine", "warmup_cosine", "plateau")
+NONFINITE = ("stop", "skip")
+
+
+@dataclass
+class DataConfig:
+    name: str = "purchase"
+    num_samples: int | None = 1000  # purchase only
+    path: str | None = None  # csv only
+    target: str | None = None  # csv only
+    task: str = "auto"
+    batch_size: int = 64  # GLOBAL samples per optimizer step
+    eval_batch_size: int = 1024  # per rank
+    val_fraction: float = 0.2
+
+    def validate(self) -> None:
+        _choice("data", self.name, DATA_NAMES)
+        _choice("data.task", self.task, TASKS)
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.eval_batch_size", self.eval_batch_size)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(
+                f"data.val_fraction={self.val_fraction} must be between 0 and 1 (exclusive); "
+                "use e.g. data.val_fraction=0.2"
+            )
+        if self.name == "purchase":
+            if self.num_samples is None or self.num_samples < 10:
+                raise UserError(
+                    f"data.num_samples={self.num_samples} must be at least 10 for data=purchase"
+                )
+        if self.name == "csv":
+            if not self.path:
+                raise UserError("data.path is required for data=csv; pass data.path=my.csv")
+            if not self.target:
+                raise UserError(
+                    "data.target is required for data=csv; pass data.target=<label column>"
+                )
+
+
+@dataclass
+class ModelConfig:
+    name: str = "linear"
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])  # mlp
+    dropout: float = 0.0  # mlp
+    target: str | None = None  # custom: import path of an nn.Module class or factory
+    kwargs: dict[str, Any] = field(default_factory=dict)  # custom: extra constructor arguments
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if "_target_" in d:  # a user model: everything but _target_ goes to its constructor
+            target = d.pop("_target_")
+            d.pop("name", None)
+            return cls(name="custom", target=target, kwargs=d)
+        return _build(cls, d, "model")
+
+    def validate(self) -> None:
+        _choice("model", self.name, MODEL_NAMES)
+        if self.name == "custom" and (not self.target or self.target == "???"):
+            raise UserError(
+                "model._target_ is required for model=custom; pass model._target_=my_pkg.MyNet"
+            )
+        if self.name == "mlp":
+            if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+                raise UserError(
+                    f"model.hidden_sizes={self.hidden_sizes} must be a non-empty list of positive "
+                    "ints, e.g. model.hidden_sizes=[64,64]"
+                )
+            if not 0.0 <= self.dropout < 1.0:
+                raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd, rmsprop
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8  # adam, adamw, adagrad, rmsprop
+    alpha: float = 0.99  # rmsprop smoothing constant
+
+    def validate(self) -> None:
+        _choice("optimizer", self.name, OPTIMIZER_NAMES)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(
+                f"optimizer.lr={self.lr} must be a positive number; use e.g. optimizer.lr=0.01"
+            )
+        if self.weight_decay < 0:
+            raise UserError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        if self.momentum < 0:
+            raise UserError(f"optimizer.momentum={self.momentum} must be >= 0")
+        if self.nesterov and self.momentum <= 0:
+            raise UserError(
+                "optimizer.nesterov=true needs optimizer.momentum > 0; e.g. optimizer.momentum=0.9"
+            )
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"optimizer.betas={self.betas} must be two numbers in [0, 1)")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "constant"
+    warmup_steps: int = 0  # constant, step, cosine, warmup_cosine
+    step_size: int = 100  # step
+    gamma: float = 0.5  # step
+    min_lr: float = 0.0  # cosine, warmup_cosine
+    factor: float = 0.5  # plateau
+    patience: int = 2  # plateau, in evaluations
+    threshold: float = 1e-4  # plateau
+
+    def validate(self) -> None:
+        _choice("scheduler", self.name, SCHEDULER_NAMES)
+        if self.warmup_steps < 0:
+            raise UserError(f"scheduler.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.name == "warmup_cosine" and self.warmup_steps == 0:
+            raise UserError(
+                "scheduler=warmup_cosine needs scheduler.warmup_steps > 0 (or use scheduler=cosine)"
+            )
+        _positive("scheduler.step_size", self.step_size)
+        if not 0.0 < self.gamma <= 1.0:
+            raise UserError(f"scheduler.gamma={self.gamma} must be in (0, 1]")
+        if not 0.0 < self.factor < 1.0:
+            raise UserError(f"scheduler.factor={self.factor} must be in (0, 1)")
+        if self.min_lr < 0:
+            raise UserError(f"scheduler.min_lr={self.min_lr} must be >= 0")
+
+
+@dataclass
+class RegularizationConfig:
+    l1: float = 0.0
+    l2: float = 0.0
+
+    def validate(self) -> None:
+        for key in ("l1", "l2"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"regularization.{key}={value} must be a number >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int | None = None  # wins over max_epochs when set
+    max_epochs: int | None = 20
+    grad_accum_steps: int = 1
+    grad_clip_norm: float | None = None
+    grad_clip_value: float | None = None
+    log_every: int = 10
+    eval_every: int = 50  # 0: evaluate only at the end
+    on_nonfinite: str = "stop"
+
+    def validate(self) -> None:
+        if self.max_steps is None and self.max_epochs is None:
+            raise UserError(
+                "set trainer.max_steps or trainer.max_epochs (both are null); "
+                "e.g. trainer.max_steps=500"
+            )
+        if self.max_steps is not None:
+            _positive("trainer.max_steps", self.max_steps)
+        if self.max_epochs is not None:
+            _positive("trainer.max_epochs", self.max_epochs)
+        _positive("trainer.grad_accum_steps", self.grad_accum_steps)
+        _positive("trainer.log_every", self.log_every)
+        if self.eval_every < 0:
+            raise UserError(f"trainer.eval_every={self.eval_every} must be >= 0 (0: only at end)")
+        for key in ("grad_clip_norm", "grad_clip_value"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise UserError(f"trainer.{key}={value} must be > 0 (or null to disable)")
+        _choice("trainer.on_nonfinite", self.on_nonfinite, NONFINITE)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    device: str = "auto"
+    timeout_s: float = 1800.0
+    init_method: str = "env://"
+
+    def validate(self) -> None:
+        _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
+        _choice("dist.device", self.device, ("auto", "cpu", "cuda"))
+        _positive("dist.timeout_s", self.timeout_s)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Build and validate a Config from a plain (resolved) dict; raises UserError."""
+        d = {k: v for k, v in d.items() if k not in ("hydra", "experiment")}
+        cfg = _build(cls, d, "")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"seed={self.seed} must be an int >= 0")
+        for section in (
+            self.data,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.regularization,
+            self.trainer,
+            self.dist,
+        ):
+            section.validate()
+
+    def check_world(self, world_size: int) -> None:
+        """Global-batch contract: batch_size splits evenly over ranks and micro-batches."""
+        parts = world_size * self.trainer.grad_accum_steps
+        if self.data.batch_size % parts:
+            raise UserError(
+                f"data.batch_size={self.data.batch_size} does not divide by world_size "
+                f"({world_size}) x trainer.grad_accum_steps ({self.trainer.grad_accum_steps}) "
+                f"= {parts}; choose a data.batch_size that is a multiple of {parts}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{key}={value} must be > 0")
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass `cls` from `d`, rejecting unknown keys and coercing scalar types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise UserError(f"unknown config key {key!r}; known keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in d.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"{key} must be a config group, got {value!r}")
+            builder = getattr(hint, "from_dict", None)  # sections with their own parsing
+            kwargs[name] = builder(value) if builder else _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, hint)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise UserError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UserError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if value is None or isinstance(value, dict | list):
+            raise UserError(f"{key}={value!r} must be a string")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a schema bug, not user input

@@ -1,0 +1,177 @@
+"""The group of training processes: launch detection, device/backend choice, collectives.
+
+This is the only module that branches on "distributed or not" (fairseq2's gang idea): a world of
+one has no process group and every collective is the identity, so the trainer has no
+`if distributed:` branches of its own.
+
+Launch detection, in order:
+  1. torchrun / torch.distributed.elastic / accelerate launch: RANK, WORLD_SIZE, LOCAL_RANK set.
+  2. srun, one task per process: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (inside a job step);
+     the rendezvous host is the first node of SLURM_JOB_NODELIST, the port MASTER_PORT or one
+     derived from the job id.
+  3. Nothing: a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from gddist.config import DistConfig, UserError
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, read from the launcher's environment."""
+
+    launcher: str  # "none" | "torchrun" | "slurm"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            launcher="torchrun",
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+        )
+    # SLURM_STEP_ID is set by srun only: a batch script's own shell (no srun) is one process even
+    # when the allocation has --ntasks > 1.
+    if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        port = env.get("MASTER_PORT") or str(slurm_port(int(env["SLURM_JOB_ID"])))
+        return LaunchEnv(
+            launcher="slurm",
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
+            master_port=int(port),
+        )
+    return LaunchEnv(launcher="none")
+
+
+def slurm_port(job_id: int) -> int:
+    """A rendezvous port derived from the job id, so every task of the job computes the same one."""
+    return 15000 + job_id % 20000
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand SLURM's compressed host list: 'gpu[01-03,07],cpu1' -> gpu01 gpu02 gpu03 gpu07 cpu1."""
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        hosts.extend(_expand_host(item))
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [s.strip() for s in items if s.strip()]
+
+
+def _expand_host(item: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", item)
+    if not match:
+        return [item]
+    head, tail = item[: match.start()], item[match.end() :]
+    out = []
+    for part in match.group(1).split(","):
+        lo, _, hi = part.partition("-")
+        if hi:
+            width = len(lo)
+            out.extend(f"{head}{n:0{width}d}" for n in range(int(lo), int(hi) + 1))
+        else:
+            out.append(f"{head}{lo}")
+    return [host + rest for host in out for rest in _expand_host(tail)] if tail else out
+
+
+class Dist:
+    """This process's view of the group. World of one: no process group, collectives are no-ops."""
+
+    def __init__(self, env: LaunchEnv, device: torch.device, backend: str | None) -> None:
+        self.env = env
+        self.rank = env.rank
+        self.world_size = env.world_size
+        self.local_rank = env.local_rank
+        self.device = device
+        self.backend = backend
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks in place and return it."""
+        if self.distributed:
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce_sum(tensor).div_(self.world_size)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on at least one: for control-flow decisions."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.all_reduce_sum(t).item() > 0)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            tdist.barrier()
+
+    def close(self) -> None:
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def pick_device(kind: str, local_rank: int) -> torch.device:
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("dist.device=cuda but CUDA is not available; use dist.device=auto")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(cfg: DistConfig, env: LaunchEnv) -> Dist:
+    """Pick device and backend and join the process group (only when world_size > 1)."""
+    device = pick_device(cfg.device, env.local_rank)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.world_size > 1:
+        if env.launcher == "slurm" and cfg.init_method == "env://":
+            os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        tdist.init_process_group(
+            backend=backend,
+            init_method=cfg.init_method,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        )
+    return Dist(env, device, backend if env.world_size > 1 else None)

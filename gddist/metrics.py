@@ -1,0 +1,88 @@
+"""Task losses and validation metrics over the WHOLE validation set across ranks.
+
+Each rank evaluates its own contiguous shard of the validation rows (no padding, no duplicates);
+torchmetrics sums the per-rank statistics (and gathers predictions for ROC AUC) at compute(), so the
+result equals a single-process computation on the full set. torchmetrics is imported on first use to
+keep startup fast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gddist.data import Preprocessing
+
+
+def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean loss of a batch: BCE-with-logits (binary), cross-entropy (multiclass), MSE (regression)."""
+    if task == "binary":
+        return F.binary_cross_entropy_with_logits(output.squeeze(-1), target)
+    if task == "multiclass":
+        return F.cross_entropy(output, target)
+    return F.mse_loss(output.squeeze(-1), target)
+
+
+class Evaluator:
+    """Computes val/* metrics; every rank must call `evaluate` (it contains collectives)."""
+
+    def __init__(self, prep: Preprocessing, device: torch.device, batch_size: int) -> None:
+        import torchmetrics  # lazy: about a second of imports
+        from torchmetrics import classification as C
+        from torchmetrics import regression as R
+
+        self.prep = prep
+        self.task = prep.task
+        self.batch_size = batch_size
+        if self.task == "binary":
+            metrics = {
+                "accuracy": C.BinaryAccuracy(),
+                "precision": C.BinaryPrecision(),
+                "recall": C.BinaryRecall(),
+                "f1": C.BinaryF1Score(),
+                "roc_auc": C.BinaryAUROC(),
+            }
+        elif self.task == "multiclass":
+            k = len(prep.classes)
+            metrics = {
+                "accuracy": C.MulticlassAccuracy(k, average="micro"),
+                "precision": C.MulticlassPrecision(k, average="macro"),
+                "recall": C.MulticlassRecall(k, average="macro"),
+                "f1": C.MulticlassF1Score(k, average="macro"),
+                "roc_auc": C.MulticlassAUROC(k, average="macro"),
+            }
+        else:
+            metrics = {
+                "mse": R.MeanSquaredError(),
+                "mae": R.MeanAbsoluteError(),
+                "r2": R.R2Score(),
+            }
+        self.metrics = torchmetrics.MetricCollection(metrics, prefix="val/").to(device)
+        self.loss = torchmetrics.MeanMetric().to(device)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Metrics of `model` on this rank's shard (x, y), reduced over all ranks."""
+        was_training = model.training
+        model.eval()
+        self.metrics.reset()
+        self.loss.reset()
+        for start in range(0, len(x), self.batch_size):
+            xb, yb = x[start : start + self.batch_size], y[start : start + self.batch_size]
+            out = model(xb)
+            self.loss.update(task_loss(self.task, out, yb), weight=len(xb))
+            self.metrics.update(*self._predictions(out, yb))
+        model.train(was_training)
+        result = {"val/loss": self.loss.compute().item()}
+        result.update({k: v.item() for k, v in self.metrics.compute().items()})
+        return result
+
+    def _predictions(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task == "binary":
+            return torch.sigmoid(out.squeeze(-1)), y.long()
+        if self.task == "multiclass":
+            return torch.softmax(out, dim=-1), y
+        # Regression metrics are reported in the target's original units.
+        scale, shift = self.prep.target_std, self.prep.target_mean
+        return out.squeeze(-1) * scale + shift, y * scale + shift

@@ -49,11 +49,10 @@ class DataConfig:
                 f"data.val_fraction={self.val_fraction} must be between 0 and 1 (exclusive); "
                 "use e.g. data.val_fraction=0.2"
             )
-        if self.name == "purchase":
-            if self.num_samples is None or self.num_samples < 10:
-                raise UserError(
-                    f"data.num_samples={self.num_samples} must be at least 10 for data=purchase"
-                )
+        if self.name == "purchase" and (self.num_samples is None or self.num_samples < 10):
+            raise UserError(
+                f"data.num_samples={self.num_samples} must be at least 10 for data=purchase"
+            )
         if self.name == "csv":
             if not self.path:
                 raise UserError("data.path is required for data=csv; pass data.path=my.csv")

@@ -2,8 +2,8 @@
 
 Contract: the first row is a header; every other row has as many fields. A column whose values all
 parse as finite numbers is numeric; a column with no number at all is text (one-hot encoded later);
-a column that mixes the two, a missing value (empty, NA, NaN, null, none) or an infinite number is an
-error before any training starts.
+a column that mixes the two, a missing value (empty, NA, NaN, null, none) or an infinite number is
+an error before any training starts.
 """
 
 from __future__ import annotations

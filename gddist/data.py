@@ -41,7 +41,8 @@ class Preprocessing:
     """How raw columns become model inputs, and model outputs become target units (JSON-able)."""
 
     task: str
-    features: list[dict] = field(default_factory=list)  # {"name","kind",("mean","std")|"categories"}
+    # One dict per input column: name, kind ("numeric": mean, std | "text": categories).
+    features: list[dict] = field(default_factory=list)
     target: str = "label"
     classes: list = field(default_factory=list)  # classification labels, index = class id
     target_mean: float = 0.0  # regression: y_train = (y - target_mean) / target_std
@@ -190,9 +191,9 @@ class GlobalBatches:
     """The training order: which rows optimizer step `s` reads, on which rank, in which micro-batch.
 
     Epoch e is a permutation of the training rows drawn from (seed, e); step s uses global batch
-    s % steps_per_epoch of epoch s // steps_per_epoch (the last partial batch of an epoch is dropped,
-    so every step has exactly `batch_size` rows). Each global batch is cut into `accum` micro-batches
-    and each micro-batch into `world` equal rank slices.
+    s % steps_per_epoch of epoch s // steps_per_epoch (the last partial batch of an epoch is
+    dropped, so every step has exactly `batch_size` rows). Each global batch is cut into `accum`
+    micro-batches and each micro-batch into `world` equal rank slices.
     """
 
     def __init__(self, num_rows: int, batch_size: int, seed: int, device: torch.device) -> None:

@@ -158,7 +158,9 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
 def init(cfg: DistConfig, env: LaunchEnv) -> Dist:
     """Pick device and backend and join the process group (only when world_size > 1)."""
     device = pick_device(cfg.device, env.local_rank)
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
     if device.type == "cuda":

@@ -16,7 +16,7 @@ from gddist.data import Preprocessing
 
 
 def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean loss of a batch: BCE-with-logits (binary), cross-entropy (multiclass), MSE (regression)."""
+    """binary cross-entropy on logits (binary), cross-entropy (multiclass), MSE (regression)."""
     if task == "binary":
         return F.binary_cross_entropy_with_logits(output.squeeze(-1), target)
     if task == "multiclass":

@@ -50,7 +50,8 @@ def build(cfg: ModelConfig, in_features: int, out_features: int) -> nn.Module:
             "in_features=, out_features= and the other model.* keys"
         ) from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"model._target_={cfg.target} returned {type(model).__name__}, not a Module")
+        kind = type(model).__name__
+        raise UserError(f"model._target_={cfg.target} returned a {kind}, not an nn.Module")
     return model
 
 
@@ -66,5 +67,5 @@ def _import(path: str):
 
 
 def weight_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters that L1/L2 penalties apply to: weight matrices and kernels (ndim >= 2), no biases."""
+    """Parameters the L1/L2 penalties apply to: weight matrices/kernels (ndim >= 2), no biases."""
     return [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]

@@ -46,9 +46,7 @@ class Trainer:
         self.dist = dist
         self.run_dir = Path(run_dir)
         self.data = data.to(dist.device)
-        self.batches = GlobalBatches(
-            len(data.y_train), cfg.data.batch_size, cfg.seed, dist.device
-        )
+        self.batches = GlobalBatches(len(data.y_train), cfg.data.batch_size, cfg.seed, dist.device)
         tc = cfg.trainer
         self.max_steps = tc.max_steps or tc.max_epochs * self.batches.steps_per_epoch
         n_val = len(data.y_val)

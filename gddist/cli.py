@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from gddist.config import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+NONZERO_RANK_EXIT_DELAY_S = 10.0
 
 log = logging.getLogger("gddist")
 
@@ -123,11 +125,17 @@ def _one_line(e: Exception) -> str:
 
 
 def fail(message: str) -> None:
-    """Print a user error as one line (rank 0 only) and exit with EXIT_USER_ERROR."""
+    """Print a user error as one line (rank 0 only) and exit with EXIT_USER_ERROR.
+
+    Every rank meets the same config/data error. The others wait a little before exiting: when
+    one exits, torchrun kills the rest, and rank 0 must have printed the message by then.
+    """
     from gddist.dist import detect_launch
 
     if detect_launch().rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(NONZERO_RANK_EXIT_DELAY_S)
     sys.exit(EXIT_USER_ERROR)
 
 

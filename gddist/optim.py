@@ -64,9 +64,12 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
     if cfg.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.factor, patience=cfg.patience,
+            optimizer,
+            mode="min",
+            factor=cfg.factor,
+            patience=cfg.patience,
             threshold=cfg.threshold,
-        )  # fmt: skip
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, base_lr, total_steps))
 
 

@@ -45,6 +45,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist
         self.run_dir = Path(run_dir)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data = data.to(dist.device)
         self.batches = GlobalBatches(len(data.y_train), cfg.data.batch_size, cfg.seed, dist.device)
         tc = cfg.trainer
@@ -122,9 +124,9 @@ class Trainer:
         step_loss = losses[0] if accum == 1 else torch.stack(losses).mean()
         grad_norm = self.engine.clip_gradients(tc.grad_clip_norm, tc.grad_clip_value)
         lr = self.optimizer.param_groups[0]["lr"]
-        # grad_norm is identical on all ranks (computed after the all-reduce), so every rank
-        # takes the same branch. `skip` must look now; `stop` looks at the next log step.
-        if tc.on_nonfinite == "skip" and not torch.isfinite(grad_norm).item():
+        # `stop` looks at the next log step (no per-step host sync); `skip` must decide now, and
+        # all ranks must agree: a loss can be non-finite on one rank while the gradients are not.
+        if tc.on_nonfinite == "skip" and self._any_nonfinite(step_loss, grad_norm):
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -162,8 +164,9 @@ class Trainer:
         if is_plateau(self.scheduler):
             self.scheduler.step(metrics["val/loss"])
         self.last_eval = metrics
-        self.tracker.log({"step": self.step, "epoch": self.batches.epoch_of(self.step - 1),
-                          **metrics})  # fmt: skip
+        self.tracker.log(
+            {"step": self.step, "epoch": self.batches.epoch_of(self.step - 1), **metrics}
+        )
 
     def finish(self, divergence: Diverged | None, wall_time: float) -> dict[str, Any]:
         summary = {
@@ -190,6 +193,10 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------ helpers
+
+    def _any_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        bad = (~torch.isfinite(loss)).float() + (~torch.isfinite(grad_norm)).float()
+        return self.dist.all_reduce_sum(bad.reshape(1)).item() > 0
 
     def _drain(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """Read the pending per-step values (one host sync); raise Diverged on a non-finite one.

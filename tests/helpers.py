@@ -1,0 +1,126 @@
+"""Shared test helpers: compose the real conf/, train in-process, run the CLI, spawn gloo workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+import gddist
+from gddist.cli import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose(*overrides: str) -> dict[str, Any]:
+    """The real conf/ composed with `overrides`, as the plain dict train.py hands to gddist.run."""
+    GlobalHydra.instance().clear()
+    register_resolvers()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def train(run_dir: Path, *overrides: str, init_method: str | None = None) -> dict[str, Any]:
+    """Train in this process (or a spawned worker) and return the summary."""
+    cfg = compose(*overrides)
+    if init_method:
+        cfg["dist"]["init_method"] = init_method
+    return gddist.run(cfg, run_dir)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without launcher variables (a test may itself run under some launcher)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0", **extra)
+    return env
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd or ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def torchrun(nproc: int, *args: str, cwd: Path | None = None, timeout: float = 240):
+    """`torchrun --standalone --nproc_per_node=N train.py ARGS` (gloo on CPU; free port)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "train.py"),
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=cwd or ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
+    return proc
+
+
+def rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in rows(run_dir) if "train/loss" in r}
+
+
+def load_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+# --------------------------------------------------------------------------- gloo workers
+
+
+def spawn(fn, world: int, tmp_path: Path, *args: Any) -> list[Any]:
+    """Run fn(rank, init_method, *args) in `world` spawned processes joined by a file:// store.
+
+    Each worker's return value is saved with torch.save and returned in rank order.
+    """
+    store = tmp_path / f"store-{os.urandom(4).hex()}"
+    out = tmp_path / f"out-{os.urandom(4).hex()}"
+    out.mkdir()
+    torch.multiprocessing.start_processes(
+        _worker,
+        args=(fn, world, f"file://{store}", str(out), args),
+        nprocs=world,
+        start_method="spawn",
+    )
+    return [torch.load(out / f"{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def _worker(rank: int, fn, world: int, init_method: str, out: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = fn(rank, init_method, *args)
+    torch.save(result, Path(out) / f"{rank}.pt")

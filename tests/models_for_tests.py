@@ -1,0 +1,32 @@
+"""User models for `model=custom model._target_=models_for_tests.X` in tests."""
+
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, in_features: int, out_features: int, width: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(in_features, width), nn.Tanh(), nn.Linear(width, out_features)
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class SpikyNet(nn.Module):
+    """A linear model whose training forward pass number `bad_call` (1-based) returns inf."""
+
+    def __init__(self, in_features: int, out_features: int, bad_call: int = 3) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.bad_call = bad_call
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.linear(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.bad_call:
+                return out + float("inf")
+        return out

@@ -197,6 +197,51 @@ class TrainerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only the final save (and saves on a stop signal)
+    keep_last: int = 3  # newest complete checkpoints kept
+    resume: str = "auto"  # auto | never | <path to a checkpoint dir>
+    dir: str | None = None  # default: RUN_DIR/checkpoints
+    allow_changes: bool = False  # resume even if model shape / global batch / seed changed
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise UserError(f"checkpoint.every_steps={self.every_steps} must be >= 0 (0: at end)")
+        _positive("checkpoint.keep_last", self.keep_last)
+        if not self.resume:
+            raise UserError("checkpoint.resume must be auto, never or a checkpoint path")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str = "val/loss"  # any val/* metric
+    mode: str = "min"  # min | max
+    patience: int = 0  # evaluations without improvement before stopping; 0: off
+    min_delta: float = 0.0  # smallest change that counts as an improvement
+
+    def validate(self) -> None:
+        _choice("early_stopping.mode", self.mode, ("min", "max"))
+        if self.patience < 0:
+            raise UserError(f"early_stopping.patience={self.patience} must be >= 0 (0: off)")
+        if not self.monitor.startswith("val/"):
+            raise UserError(
+                f"early_stopping.monitor={self.monitor!r} must be a validation metric such as "
+                "val/loss or val/accuracy"
+            )
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"  # jsonl (always on) | wandb (jsonl + wandb)
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
+    plots: bool = True  # PNG curves in RUN_DIR/plots/ at the end of a run
+
+    def validate(self) -> None:
+        _choice("logger", self.name, ("jsonl", "wandb"))
+        _choice("logger.progress", self.progress, ("auto", "bar", "lines", "none"))
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"
     device: str = "auto"
@@ -218,6 +263,9 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     @classmethod
@@ -238,6 +286,9 @@ class Config:
             self.scheduler,
             self.regularization,
             self.trainer,
+            self.checkpoint,
+            self.early_stopping,
+            self.logger,
             self.dist,
         ):
             section.validate()

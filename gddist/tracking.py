@@ -11,20 +11,30 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gddist.config import LoggerConfig
+
 log = logging.getLogger("gddist")
 
 
 class Tracker:
-    """Rank 0's tracker: one JSON object per row in metrics.jsonl (appended), a console line."""
+    """Rank 0's tracker: one JSON object per row in metrics.jsonl (appended), a console line.
 
-    def __init__(self, run_dir: Path) -> None:
+    `run_id` identifies the run for external trackers (None for JSONL alone); it is saved in
+    checkpoints and handed back to `build` on resume so the same external run continues.
+    """
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict[str, Any]) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
+        self.run_id: str | None = None
 
     def log(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
         self._file.flush()
         log.info(format_row(row))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The run's final summary (also written to summary.json by the trainer)."""
 
     def close(self) -> None:
         self._file.close()
@@ -33,15 +43,28 @@ class Tracker:
 class NullTracker:
     """A non-zero rank's tracker: writes nothing."""
 
+    run_id: str | None = None
+
     def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
         pass
 
     def close(self) -> None:
         pass
 
 
-def build(run_dir: Path, is_main: bool) -> Tracker | NullTracker:
-    return Tracker(run_dir) if is_main else NullTracker()
+def build(
+    run_dir: Path,
+    is_main: bool,
+    cfg: LoggerConfig,
+    config: dict[str, Any],
+    run_id: str | None = None,
+) -> Tracker | NullTracker:
+    """The tracker for this rank. `config` is the resolved run config (logged by external
+    trackers); `run_id` is the id saved in the checkpoint being resumed, if any."""
+    return Tracker(run_dir, cfg, config) if is_main else NullTracker()
 
 
 def format_row(row: dict[str, Any]) -> str:

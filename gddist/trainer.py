@@ -74,7 +74,7 @@ class Trainer:
         )
         self.penalty = Penalty(cfg.regularization, models.weight_matrices(model))
         self.evaluator: Evaluator | None = None  # built at the first evaluation (lazy import)
-        self.tracker = tracking.build(self.run_dir, dist.is_main)
+        self.tracker = tracking.build(self.run_dir, dist.is_main, cfg.logger, cfg.to_dict())
 
         self.step = 0  # optimizer steps completed
         self.skipped_steps = 0
@@ -189,6 +189,7 @@ class Trainer:
                 atomic_torch_save(state, self.run_dir / "model.pt")
             self.data.preprocessing.save(self.run_dir / "preprocessing.json")
             atomic_save_json(summary, self.run_dir / "summary.json")
+        self.tracker.finish(summary)
         self.tracker.close()
         return summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     from gddist import data as data_mod
     from gddist import dist as dist_mod
     from gddist.config import Config
+    from gddist.signals import requeue_slurm_job
     from gddist.trainer import Trainer
 
     if not isinstance(cfg, Config):
@@ -27,7 +29,19 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     data = data_mod.build(cfg.data, cfg.seed)
     dist = dist_mod.init(cfg.dist, env)
     try:
-        trainer = Trainer(cfg, data, dist, Path(run_dir))
-        return trainer.fit()
+        summary = Trainer(cfg, data, dist, Path(run_dir)).fit()
+    except Exception as e:
+        if not (dist.distributed and dist_mod.is_peer_failure(e)):
+            raise
+        missing = dist.unresponsive_ranks()
+        who = f"rank(s) {', '.join(map(str, missing))}" if missing else "another rank"
+        raise dist_mod.PeerFailure(
+            f"rank {dist.rank}: {who} died or did not answer within dist.timeout_s="
+            f"{cfg.dist.timeout_s:g}s ({str(e).splitlines()[0][:200]}); rerun the same command "
+            "to resume from the last checkpoint"
+        ) from None
     finally:
         dist.close()
+    if summary.get("signal") == signal.SIGUSR1 and dist.is_main:
+        requeue_slurm_job()  # preempted on SLURM: come back and resume; elsewhere a no-op
+    return summary

@@ -1,7 +1,9 @@
 """The glue between Hydra and gddist: resolvers, early override checks, the task function.
 
-Exit codes of `python train.py`: 0 done, 2 bad config or data (one line on stderr), 3 the run
-diverged under trainer.on_nonfinite=stop (summary.json says diverged: true).
+Exit codes of `python train.py`: 0 done (or early-stopped); 2 bad config or data (one line on
+stderr); 3 the run diverged under trainer.on_nonfinite=stop (summary.json says diverged: true);
+4 another rank died or hung past dist.timeout_s; 128+N stopped by signal N after saving a
+checkpoint (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1): rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from gddist.config import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_PEER_FAILURE = 4
 NONZERO_RANK_EXIT_DELAY_S = 10.0
 
 log = logging.getLogger("gddist")
@@ -145,7 +148,7 @@ def task(cfg: Any) -> dict[str, Any] | None:
     from omegaconf import OmegaConf
 
     import gddist
-    from gddist.dist import detect_launch
+    from gddist.dist import PeerFailure, detect_launch
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -156,10 +159,15 @@ def task(cfg: Any) -> dict[str, Any] | None:
         summary = gddist.run(plain, run_dir)
     except UserError as e:
         fail(str(e))
+    except PeerFailure as e:  # every surviving rank says it: rank 0 may be the one that died
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PEER_FAILURE)
     except Exception as e:  # omegaconf's MissingMandatoryValue and interpolation errors
         if type(e).__module__.startswith("omegaconf"):
             fail(f"config: {e}".splitlines()[0])
         raise
+    if "signal" in summary:
+        sys.exit(128 + summary["signal"])
     multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
     if summary["diverged"] and not multirun:  # in a sweep a diverged job is a result, not a crash
         sys.exit(EXIT_DIVERGED)

@@ -20,9 +20,11 @@ class UserError(Exception):
     """A mistake in the user's config or data: reported as one line, exit code 2, no traceback."""
 
 
-DATA_NAMES = ("purchase", "csv")
+DATA_NAMES = ("purchase", "csv", "regression", "function")
 TASKS = ("auto", "binary", "multiclass", "regression")
-MODEL_NAMES = ("linear", "mlp", "custom")
+MODEL_NAMES = ("linear", "mlp", "custom", "function")
+# 2-D test functions for model=function (implemented in gddist/models.py: FUNCTIONS).
+FUNCTION_NAMES = ("rosenbrock", "styblinski_tang")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULER_NAMES = ("constant", "step", "cosine", "warmup_cosine", "plateau")
 NONFINITE = ("stop", "skip")
@@ -31,7 +33,7 @@ NONFINITE = ("stop", "skip")
 @dataclass
 class DataConfig:
     name: str = "purchase"
-    num_samples: int | None = 1000  # purchase only
+    num_samples: int | None = 1000  # purchase, regression; function: rows of the dummy data
     path: str | None = None  # csv only
     target: str | None = None  # csv only
     task: str = "auto"
@@ -49,9 +51,15 @@ class DataConfig:
                 f"data.val_fraction={self.val_fraction} must be between 0 and 1 (exclusive); "
                 "use e.g. data.val_fraction=0.2"
             )
-        if self.name == "purchase" and (self.num_samples is None or self.num_samples < 10):
+        generated = self.name in ("purchase", "regression")
+        if generated and (self.num_samples is None or self.num_samples < 10):
             raise UserError(
-                f"data.num_samples={self.num_samples} must be at least 10 for data=purchase"
+                f"data.num_samples={self.num_samples} must be at least 10 for data={self.name}"
+            )
+        if self.name == "function" and (self.num_samples is None or self.num_samples < 1):
+            raise UserError(
+                f"data.num_samples={self.num_samples} must be at least 1 for data=function "
+                "(one dummy row per global batch slot)"
             )
         if self.name == "csv":
             if not self.path:
@@ -69,6 +77,8 @@ class ModelConfig:
     dropout: float = 0.0  # mlp
     target: str | None = None  # custom: import path of an nn.Module class or factory
     kwargs: dict[str, Any] = field(default_factory=dict)  # custom: extra constructor arguments
+    function: str = "rosenbrock"  # function: which test function to minimize
+    init: list[float] | None = None  # function: start point; null: uniform in its box from seed
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -93,6 +103,13 @@ class ModelConfig:
                 )
             if not 0.0 <= self.dropout < 1.0:
                 raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.name == "function":
+            _choice("model.function", self.function, FUNCTION_NAMES)
+            if self.init is not None and len(self.init) != 2:
+                raise UserError(
+                    f"model.init={self.init} must be a 2-D point such as [-1.2,1.0] "
+                    "(or null for a random start drawn from seed)"
+                )
 
 
 @dataclass
@@ -174,6 +191,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 50  # 0: evaluate only at the end
     on_nonfinite: str = "stop"
+    stop_check_every: int = 10  # steps between all-reduces that agree on a stop signal (N > 1)
 
     def validate(self) -> None:
         if self.max_steps is None and self.max_epochs is None:
@@ -187,6 +205,7 @@ class TrainerConfig:
             _positive("trainer.max_epochs", self.max_epochs)
         _positive("trainer.grad_accum_steps", self.grad_accum_steps)
         _positive("trainer.log_every", self.log_every)
+        _positive("trainer.stop_check_every", self.stop_check_every)
         if self.eval_every < 0:
             raise UserError(f"trainer.eval_every={self.eval_every} must be >= 0 (0: only at end)")
         for key in ("grad_clip_norm", "grad_clip_value"):
@@ -235,10 +254,18 @@ class LoggerConfig:
     name: str = "jsonl"  # jsonl (always on) | wandb (jsonl + wandb)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
     plots: bool = True  # PNG curves in RUN_DIR/plots/ at the end of a run
+    # wandb only. No API key field on purpose: wandb reads WANDB_API_KEY or its login file, so
+    # a key never lands in a config, a log or a checkpoint.
+    project: str = "gddist"
+    entity: str | None = None  # wandb team or user; null: the account's default
+    mode: str | None = None  # online | offline | disabled; null: WANDB_MODE, else online
+    tags: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _choice("logger", self.name, ("jsonl", "wandb"))
         _choice("logger.progress", self.progress, ("auto", "bar", "lines", "none"))
+        if self.mode is not None:
+            _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
 
 
 @dataclass
@@ -292,6 +319,15 @@ class Config:
             self.dist,
         ):
             section.validate()
+        self._check_function_pairing()
+
+    def _check_function_pairing(self) -> None:
+        """data=function and model=function only make sense together (see gddist/data.py)."""
+        if (self.data.name == "function") != (self.model.name == "function"):
+            raise UserError(
+                f"data={self.data.name} with model={self.model.name}: minimizing a function needs "
+                "both data=function and model=function (or experiment=objective)"
+            )
 
     def check_world(self, world_size: int) -> None:
         """Global-batch contract: batch_size splits evenly over ranks and micro-batches."""

@@ -27,6 +27,14 @@ PURCHASE_FEATURES = ("age", "income_k", "education_level")
 PURCHASE_COEF = (0.05, 0.04, 0.8)
 PURCHASE_BIAS = -6.0
 
+# The regression problem (data=regression): REGRESSION_FEATURES independent standard normal
+# features, of which only the first len(REGRESSION_COEF) matter (the rest are pure noise, which
+# L1 regularization should zero out); y = REGRESSION_BIAS + x . REGRESSION_COEF + noise.
+REGRESSION_FEATURES = 8
+REGRESSION_COEF = (2.0, -1.0, 0.5)
+REGRESSION_BIAS = 3.0
+REGRESSION_NOISE = 0.5
+
 # Independent random streams derived from the one user seed.
 _STREAM_DATA, _STREAM_SPLIT, _STREAM_ORDER = 1, 2, 3
 
@@ -114,6 +122,17 @@ def build(cfg: DataConfig, seed: int) -> TensorData:
         data.true_coef = (coef * std).float()
         data.true_bias = float(PURCHASE_BIAS + (coef * mean).sum())
         return data
+    if cfg.name == "regression":
+        if cfg.task not in ("auto", "regression"):
+            raise UserError(
+                f"data=regression is a regression task; data.task={cfg.task} does not apply"
+            )
+        columns, target = make_regression(cfg.num_samples, seed)
+        specs = [{"name": n, "kind": "numeric"} for n in columns]
+        prep = Preprocessing(task="regression", features=specs, target="y")
+        return _split(columns, target, prep, cfg.val_fraction, seed)
+    if cfg.name == "function":
+        return function_data(cfg)
     from gddist.csvdata import infer_task, read_csv  # only CSV runs pay for the csv module
 
     features, label = read_csv(cfg.path, cfg.target)
@@ -137,6 +156,38 @@ def make_purchase(num_samples: int, seed: int) -> tuple[dict[str, list], list[fl
     label = (torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(logit)).double()
     columns = {name: raw[:, j].tolist() for j, name in enumerate(PURCHASE_FEATURES)}
     return columns, label.tolist()
+
+
+def make_regression(num_samples: int, seed: int) -> tuple[dict[str, list], list[float]]:
+    """Raw regression data: features x0..x7 ~ N(0, 1), y = 3 + 2 x0 - x1 + 0.5 x2 + N(0, 0.5^2)."""
+    g = generator(seed, _STREAM_DATA)
+    x = torch.randn(num_samples, REGRESSION_FEATURES, generator=g, dtype=torch.float64)
+    coef = torch.zeros(REGRESSION_FEATURES, dtype=torch.float64)
+    coef[: len(REGRESSION_COEF)] = torch.tensor(REGRESSION_COEF, dtype=torch.float64)
+    noise = REGRESSION_NOISE * torch.randn(num_samples, generator=g, dtype=torch.float64)
+    y = REGRESSION_BIAS + x @ coef + noise
+    columns = {f"x{j}": x[:, j].tolist() for j in range(REGRESSION_FEATURES)}
+    return columns, y.tolist()
+
+
+def function_data(cfg: DataConfig) -> TensorData:
+    """Dummy rows for data=function: the "model" is the point being optimized and its output is
+    the function value there (task "objective": the loss is the model output). Every row is the
+    same zero feature, so any batch size and any world size compute the same gradient; the
+    validation set is the same rows, so val/loss is the function value at the current point."""
+    if cfg.task != "auto":
+        raise UserError(f"data=function is an objective; data.task={cfg.task} does not apply")
+    rows = torch.zeros(cfg.num_samples, 1)
+    prep = Preprocessing(task="objective", target="f")
+    return TensorData(
+        x_train=rows,
+        y_train=torch.zeros(cfg.num_samples),
+        x_val=rows.clone(),
+        y_val=torch.zeros(cfg.num_samples),
+        task="objective",
+        num_outputs=1,
+        preprocessing=prep,
+    )
 
 
 def _split(

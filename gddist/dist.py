@@ -17,8 +17,10 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -103,6 +105,19 @@ def _expand_host(item: str) -> list[str]:
     return [host + rest for host in out for rest in _expand_host(tail)] if tail else out
 
 
+class PeerFailure(Exception):
+    """Another rank died or stopped answering: this rank cannot go on (exit code 4)."""
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because of another process."""
+    if isinstance(error, tdist.DistError):
+        return True
+    text = str(error)
+    markers = ("Connection closed by peer", "Connection reset by peer", "Timed out", "gloo")
+    return isinstance(error, RuntimeError) and any(m in text for m in markers)
+
+
 class Dist:
     """This process's view of the group. World of one: no process group, collectives are no-ops."""
 
@@ -138,6 +153,39 @@ class Dist:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.all_reduce_sum(t).item() > 0)
 
+    def max(self, value: int) -> int:
+        """The largest `value` over ranks (e.g. a signal number), the same on every rank."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return int(t.item())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (pickled between our own processes only)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def unresponsive_ranks(self, wait_s: float = 3.0) -> list[int] | None:
+        """After a failed collective: the ranks that do not check in within `wait_s` (dead or
+        hung), via the rendezvous store (torchrun's agent or the file store outlive a worker).
+        None when the store itself cannot be reached."""
+        tag = f"gddist/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        try:
+            store = tdist.distributed_c10d._get_default_store()
+            store.set(f"{tag}/{self.rank}", "1")
+            deadline = time.monotonic() + wait_s
+            while True:
+                missing = [r for r in range(self.world_size) if not store.check([f"{tag}/{r}"])]
+                if not missing or time.monotonic() > deadline:
+                    return missing
+                time.sleep(0.1)
+        except Exception:  # the store went down with its host rank
+            return None
+
     def barrier(self) -> None:
         if self.distributed:
             tdist.barrier()
@@ -169,11 +217,18 @@ def init(cfg: DistConfig, env: LaunchEnv) -> Dist:
         if env.launcher == "slurm" and cfg.init_method == "env://":
             os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        store, _, _ = next(
+            tdist.rendezvous(cfg.init_method, env.rank, env.world_size, timeout=timeout)
+        )
+        # torchrun's agent keeps ONE store across worker restarts (--max-restarts): without a
+        # per-attempt prefix, restarted workers can read the dead workers' gloo addresses and hang.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         tdist.init_process_group(
             backend=backend,
-            init_method=cfg.init_method,
+            store=tdist.PrefixStore(f"gddist/attempt_{attempt}", store),
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            timeout=timeout,
         )
     return Dist(env, device, backend if env.world_size > 1 else None)

@@ -37,3 +37,14 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def atomic_save_json(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop the rows of a JSONL log whose "step" is beyond `max_step` (atomically)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
+    if len(keep) != len(lines):
+        atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))

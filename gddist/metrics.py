@@ -16,7 +16,10 @@ from gddist.data import Preprocessing
 
 
 def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """binary cross-entropy on logits (binary), cross-entropy (multiclass), MSE (regression)."""
+    """binary cross-entropy on logits (binary), cross-entropy (multiclass), MSE (regression);
+    for an objective (data=function) the model output IS the loss."""
+    if task == "objective":
+        return output.mean()
     if task == "binary":
         return F.binary_cross_entropy_with_logits(output.squeeze(-1), target)
     if task == "multiclass":
@@ -52,6 +55,8 @@ class Evaluator:
                 "f1": C.MulticlassF1Score(k, average="macro"),
                 "roc_auc": C.MulticlassAUROC(k, average="macro"),
             }
+        elif self.task == "objective":
+            metrics = {}  # val/loss is the function value; there is nothing else to measure
         else:
             metrics = {
                 "mse": R.MeanSquaredError(),
@@ -72,10 +77,12 @@ class Evaluator:
             xb, yb = x[start : start + self.batch_size], y[start : start + self.batch_size]
             out = model(xb)
             self.loss.update(task_loss(self.task, out, yb), weight=len(xb))
-            self.metrics.update(*self._predictions(out, yb))
+            if self.metrics:
+                self.metrics.update(*self._predictions(out, yb))
         model.train(was_training)
         result = {"val/loss": self.loss.compute().item()}
-        result.update({k: v.item() for k, v in self.metrics.compute().items()})
+        if self.metrics:
+            result.update({k: v.item() for k, v in self.metrics.compute().items()})
         return result
 
     def _predictions(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

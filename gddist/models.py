@@ -8,6 +8,8 @@ regression). Input and output sizes always come from the data.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,7 +38,78 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """A 2-D function to minimize: f(point) -> scalar, its box (for random starts and contour
+    plots) and its global minimum (value, argmin)."""
+
+    f: Callable[[torch.Tensor], torch.Tensor]
+    box: tuple[float, float, float, float]  # xmin, xmax, ymin, ymax
+    minimum: float
+    argmin: tuple[float, float]
+
+
+def rosenbrock(p: torch.Tensor) -> torch.Tensor:
+    """(1 - x)^2 + 100 (y - x^2)^2: a curved, ill-conditioned valley; minimum 0 at (1, 1)."""
+    x, y = p[..., 0], p[..., 1]
+    return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+
+def styblinski_tang(p: torch.Tensor) -> torch.Tensor:
+    """0.5 sum(p^4 - 16 p^2 + 5 p): four local minima (per coordinate -2.9035 or 2.7468); the
+    global one is -78.332 at (-2.9035, -2.9035). Non-convex: the start decides the basin."""
+    return 0.5 * (p**4 - 16 * p**2 + 5 * p).sum(-1)
+
+
+FUNCTIONS = {
+    "rosenbrock": Objective(rosenbrock, (-2.0, 2.0, -1.0, 3.0), 0.0, (1.0, 1.0)),
+    "styblinski_tang": Objective(
+        styblinski_tang, (-5.0, 5.0, -5.0, 5.0), -78.33233, (-2.903534, -2.903534)
+    ),
+}
+
+
+class FunctionModel(nn.Module):
+    """The point being optimized, as the model's only parameter; forward returns f(point) for
+    each input row (the inputs are dummies: see gddist.data.function_data).
+
+    Start: `init` if given, else uniform in the function's box from the global torch RNG (which
+    the trainer seeds with `seed` before building the model, like any model's initial weights).
+    """
+
+    def __init__(self, function: str, init: list[float] | None = None) -> None:
+        super().__init__()
+        self.function = FUNCTIONS[function]
+        if init is None:
+            x0, x1, y0, y1 = self.function.box
+            low, high = torch.tensor([x0, y0]), torch.tensor([x1, y1])
+            start = low + (high - low) * torch.rand(2)
+        else:
+            start = torch.tensor(init, dtype=torch.float32)
+        self.point = nn.Parameter(start)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.f(self.point).expand(x.shape[0], 1)
+
+    def extra_log(self) -> dict[str, float]:
+        """The current point, added to each train log row: the optimization path."""
+        x, y = self.point.detach().tolist()
+        return {"point/x": x, "point/y": y}
+
+
+def function_start(function: str, init: list[float] | None, seed: int) -> list[float]:
+    """The start point a run with model=function used: `init`, or the random start drawn after
+    the trainer's torch.manual_seed(seed) (it seeds before building any model). For plots."""
+    if init is not None:
+        return [float(v) for v in init]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FunctionModel(function).point.tolist()
+
+
 def build(cfg: ModelConfig, in_features: int, out_features: int) -> nn.Module:
+    if cfg.name == "function":
+        return FunctionModel(cfg.function, cfg.init)
     if cfg.name == "linear":
         return nn.Linear(in_features, out_features)
     if cfg.name == "mlp":

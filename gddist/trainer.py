@@ -2,14 +2,19 @@
 
 One optimizer step = `grad_accum_steps` micro-batches of this rank's slice of the global batch ->
 forward -> loss (+ L1/L2 penalty) -> backward (all-reduce only on the last micro-batch) -> clip ->
-optimizer step -> LR schedule. Host syncs happen only at log / eval / end: per-step losses and
-gradient norms stay on the device in a short list that each log step drains.
+optimizer step -> LR schedule. Host syncs happen only at log / eval / checkpoint / stop-check
+steps: per-step losses and gradient norms stay on the device in a short list that each log step
+drains.
+
+Everything the next step depends on is in `state_dict()` (plus each rank's RNG states), so a run
+resumed from a checkpoint continues bit for bit (DESIGN.md invariant 2).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +23,16 @@ import numpy as np
 import torch
 
 from gddist import models, tracking
+from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
 from gddist.data import GlobalBatches, TensorData
 from gddist.dist import Dist
 from gddist.engine import DDPEngine
-from gddist.io import atomic_save_json, atomic_torch_save
+from gddist.io import atomic_save_json, atomic_torch_save, truncate_jsonl
 from gddist.metrics import Evaluator, task_loss
 from gddist.optim import Penalty, build_optimizer, build_scheduler, is_plateau
+from gddist.signals import StopSignals
+from gddist.state import check_resumable, fingerprint, rng_state, set_rng_state
 
 log = logging.getLogger("gddist")
 
@@ -74,38 +82,77 @@ class Trainer:
         )
         self.penalty = Penalty(cfg.regularization, models.weight_matrices(model))
         self.evaluator: Evaluator | None = None  # built at the first evaluation (lazy import)
-        self.tracker = tracking.build(self.run_dir, dist.is_main, cfg.logger, cfg.to_dict())
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, dist)
+        self.signals = StopSignals()
 
         self.step = 0  # optimizer steps completed
         self.skipped_steps = 0
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
+        self.best_metric: float | None = None  # early stopping
+        self.evals_without_improvement = 0
+        self.stop_reason: str | None = None  # "early_stopping" or a signal name
+        self.stop_signal: int | None = None
+        self.saved_step = -1  # step of the newest checkpoint this process wrote or loaded
         # Per-step (step, loss, grad norm, lr) since the last log, drained by _drain(): bounded.
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+
+        run_id = None
+        resume = self.checkpointer.find_resume()
+        if resume is not None:
+            run_id = self.load_checkpoint(resume)
+        self.tracker = tracking.build(
+            self.run_dir, dist.is_main, cfg.logger, cfg.to_dict(), run_id=run_id
+        )
         self._interval_start = time.perf_counter()
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
-        """Train to trainer.max_steps (or max_epochs) and write the outputs; return the summary."""
-        tc = self.cfg.trainer
+        """Train to trainer.max_steps (or max_epochs, or an agreed stop) and write the outputs.
+
+        Returns the summary. A stop signal ends the loop on a step every rank agrees on, after a
+        checkpoint; the caller maps `summary["signal"]` to the exit code.
+        """
+        tc, every = self.cfg.trainer, self.cfg.checkpoint.every_steps
         start = time.perf_counter()
         self.engine.model.train()
         divergence: Diverged | None = None
-        try:
-            while self.step < self.max_steps:
-                self.train_step()
-                self.step += 1
-                last = self.step == self.max_steps
-                if self.step % tc.log_every == 0 or last:
-                    self.log_train()
-                if (tc.eval_every and self.step % tc.eval_every == 0) or last:
-                    self.evaluate()
-        except Diverged as e:
-            divergence = e
-            if self.dist.is_main:
-                log.error(str(e))
+        with self.signals:
+            try:
+                while self.step < self.max_steps:
+                    self.train_step()
+                    self.step += 1
+                    last = self.step == self.max_steps
+                    if self.step % tc.log_every == 0 or last:
+                        self.log_train()
+                    if (tc.eval_every and self.step % tc.eval_every == 0) or last:
+                        self.evaluate()
+                    if every and self.step % every == 0:
+                        self.save_checkpoint()
+                    if self.should_stop():
+                        break
+                self.save_checkpoint()  # the final state, or the state to resume from
+            except Diverged as e:
+                divergence = e
+                if self.dist.is_main:
+                    log.error(str(e))
         return self.finish(divergence, time.perf_counter() - start)
+
+    def should_stop(self) -> bool:
+        """Early stopping (decided from global metrics, so alike on all ranks) or a stop signal
+        that any rank received (agreed by an all-reduce every trainer.stop_check_every steps)."""
+        if self.stop_reason is not None:
+            return True
+        if self.dist.distributed and self.step % self.cfg.trainer.stop_check_every:
+            return False
+        signum = self.dist.max(self.signals.received or 0)
+        if signum:
+            self.stop_signal = signum
+            self.stop_reason = signal.Signals(signum).name
+            if self.dist.is_main:
+                log.warning("stopping at step %d on %s", self.step, self.stop_reason)
+        return signum > 0
 
     def train_step(self) -> None:
         tc = self.cfg.trainer
@@ -152,7 +199,16 @@ class Trainer:
         }
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
+        if hasattr(self.engine.module, "extra_log"):  # a model's own values, e.g. function's point
+            row.update(self.engine.module.extra_log())
         self.tracker.log(row)
+
+    def save_checkpoint(self) -> None:
+        if self.step == self.saved_step:
+            return
+        self._check_finite()  # never checkpoint a model that has already diverged
+        self.checkpointer.save(self.step, self.state_dict(), {"rng": rng_state()})
+        self.saved_step = self.step
 
     def evaluate(self) -> None:
         self._drain()  # never evaluate (or later save) a model that has already diverged
@@ -164,6 +220,7 @@ class Trainer:
         if is_plateau(self.scheduler):
             self.scheduler.step(metrics["val/loss"])
         self.last_eval = metrics
+        self._early_stopping(metrics)
         self.tracker.log(
             {"step": self.step, "epoch": self.batches.epoch_of(self.step - 1), **metrics}
         )
@@ -182,29 +239,130 @@ class Trainer:
             summary["error"] = str(divergence)
         if self.skipped_steps:
             summary["skipped_steps"] = self.skipped_steps
+        if self.stop_reason is not None:
+            summary["stopped_by"] = self.stop_reason
+        if self.stop_signal is not None:
+            summary["signal"] = self.stop_signal
         if self.dist.is_main:
-            # A diverged model holds non-finite weights: no model.pt, so nothing misleading on disk.
-            if divergence is None:
+            # model.pt is the FINAL model: not written for a diverged run (non-finite weights) nor
+            # for one stopped by a signal (its checkpoint resumes it; the resumed run writes it).
+            if divergence is None and self.stop_signal is None:
                 state = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
                 atomic_torch_save(state, self.run_dir / "model.pt")
             self.data.preprocessing.save(self.run_dir / "preprocessing.json")
             atomic_save_json(summary, self.run_dir / "summary.json")
+            if self.cfg.logger.plots:
+                from gddist.plots import plot_run  # lazy: matplotlib is a second of imports
+
+                plot_run(self.run_dir, self.cfg.to_dict())
         self.tracker.finish(summary)
         self.tracker.close()
         return summary
 
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything shared by all ranks that the next step depends on (rank 0 saves it)."""
+        return {
+            "step": self.step,
+            "epoch": self.batches.epoch_of(self.step),
+            "position_in_epoch": self.step % self.batches.steps_per_epoch,
+            "model": {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": {
+                "skipped_steps": self.skipped_steps,
+                "last_train_loss": self.last_train_loss,
+                "last_eval": self.last_eval,
+                "best_metric": self.best_metric,
+                "evals_without_improvement": self.evals_without_improvement,
+            },
+            "config": self.cfg.to_dict(),
+            "fingerprint": fingerprint(self.cfg),
+            "world_size": self.dist.world_size,
+            "tracker_run_id": getattr(self, "tracker", None) and self.tracker.run_id,
+        }
+
+    def load_checkpoint(self, path: Path) -> str | None:
+        """Restore the state saved in `path`; return the tracker run id it carries."""
+        state, own = self.checkpointer.load(path)
+        check_resumable(
+            state, self.cfg, self.engine.module, str(path), self.cfg.checkpoint.allow_changes
+        )
+        self.engine.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = self.saved_step = state["step"]
+        for key, value in state["trainer"].items():
+            setattr(self, key, value)
+        if own is not None:
+            set_rng_state(own["rng"])
+        else:  # a rank the checkpoint did not have (resumed on more processes): a fresh stream
+            seed_rank(self.cfg.seed + self.step, self.dist.rank)
+        if self.dist.is_main:
+            # Rows logged after this checkpoint by the interrupted run are replayed by this one.
+            truncate_jsonl(self.run_dir / "metrics.jsonl", max_step=self.step)
+            log.info(
+                "resumed from %s at step %d (saved by %d process(es), now %d)",
+                path,
+                self.step,
+                state["world_size"],
+                self.dist.world_size,
+            )
+        return state["tracker_run_id"]
+
     # ------------------------------------------------------------------ helpers
+
+    def _early_stopping(self, metrics: dict[str, float]) -> None:
+        """Count evaluations without improvement of early_stopping.monitor; stop after patience.
+
+        The metrics are global (reduced over ranks), so every rank reaches the same decision.
+        """
+        es = self.cfg.early_stopping
+        if not es.patience:
+            return
+        if es.monitor not in metrics:
+            raise UserError(
+                f"early_stopping.monitor={es.monitor!r} is not a validation metric of this task; "
+                f"choose one of: {', '.join(sorted(metrics))}"
+            )
+        value = metrics[es.monitor]
+        sign = 1.0 if es.mode == "min" else -1.0
+        if self.best_metric is None or sign * (self.best_metric - value) > es.min_delta:
+            self.best_metric, self.evals_without_improvement = value, 0
+            return
+        self.evals_without_improvement += 1
+        if self.evals_without_improvement >= es.patience:
+            self.stop_reason = "early_stopping"
+            if self.dist.is_main:
+                log.info(
+                    "early stopping at step %d: %s has not improved on %.6g for %d evaluations",
+                    self.step,
+                    es.monitor,
+                    self.best_metric,
+                    es.patience,
+                )
 
     def _any_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         bad = (~torch.isfinite(loss)).float() + (~torch.isfinite(grad_norm)).float()
         return self.dist.all_reduce_sum(bad.reshape(1)).item() > 0
 
-    def _drain(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """Read the pending per-step values (one host sync); raise Diverged on a non-finite one.
+    def _check_finite(self) -> None:
+        """Raise Diverged if a pending step was non-finite; keep the values for the next log."""
+        self._read_pending()
 
-        Losses are averaged over ranks here, once per log interval instead of once per step.
+    def _drain(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """Read and clear the pending per-step values (see `_read_pending`)."""
+        values = self._read_pending()
+        self._pending = []
+        return values
+
+    def _read_pending(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """The pending per-step values (one host sync); raise Diverged on a non-finite one.
+
+        Losses are averaged over ranks here, once per read instead of once per step.
         """
-        pending, self._pending = self._pending, []
+        pending = self._pending
         if not pending:
             empty = torch.empty(0)
             return empty, empty, []

@@ -2,14 +2,18 @@
 # One machine, all its GPUs (or NPROC_PER_NODE processes; 1 on a CPU-only machine):
 #   launch/torchrun.sh train.py optimizer=adam
 #   NPROC_PER_NODE=2 launch/torchrun.sh train.py        # 2 gloo processes on a CPU machine
-# Workers that die are restarted up to MAX_RESTARTS times (default 3).
+#   MAX_RESTARTS=0 launch/torchrun.sh train.py          # no elastic restarts
+# Every argument goes to torchrun after its own options: the script, then Hydra overrides.
+# Workers that die are restarted (all of them, together) up to MAX_RESTARTS times (default 3);
+# checkpoint.resume=auto makes a restarted run continue from the newest checkpoint of its run dir,
+# which stays the same across restarts (outputs/torchrun-<rendezvous id of this launch>).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PYTHON=${PYTHON:-python}
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    NPROC_PER_NODE=$(nvidia-smi -L | grep -c '^GPU' || true)
-  fi
-  [[ "${NPROC_PER_NODE:-0}" -ge 1 ]] || NPROC_PER_NODE=1
-fi
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" \
+nproc=$(nproc_per_node)
+# After a restart, workers that share the agent's rendezvous store can read the previous
+# attempt's addresses and fail to connect (pytorch/pytorch#135712, seen here with gloo): give
+# each attempt a store of its own.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$nproc" \
   --max-restarts="${MAX_RESTARTS:-3}" "$@"

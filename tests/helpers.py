@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This environment without launcher variables (a test may itself run under some launcher)."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0", **extra)
+    # tests/ on the path: subprocesses can build test models (model._target_=models_for_tests.X).
+    env.update(OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0", PYTHONPATH=str(ROOT / "tests"), **extra)
     return env
 
 
@@ -124,3 +126,72 @@ def _worker(rank: int, fn, world: int, init_method: str, out: str, args: tuple) 
     torch.set_num_threads(1)
     result = fn(rank, init_method, *args)
     torch.save(result, Path(out) / f"{rank}.pt")
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *args]
+
+
+def torchrun_cmd(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
+        str(ROOT / "train.py"),
+        *args,
+    ]
+
+
+def last_step(run_dir: Path) -> int:
+    """The newest step in metrics.jsonl (0 when nothing is logged yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if x.endswith("}")]
+    return max(steps, default=0)
+
+
+def start(cmd: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll `predicate` every 5 ms; fail the test (not hang) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(
+                f"process exited ({proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+def children(pid: int) -> list[int]:
+    """Direct child pids of `pid` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)

@@ -1,5 +1,8 @@
 """User models for `model=custom model._target_=models_for_tests.X` in tests."""
 
+import os
+import time
+
 from torch import nn
 
 
@@ -30,3 +33,30 @@ class SpikyNet(nn.Module):
             if self.calls == self.bad_call:
                 return out + float("inf")
         return out
+
+
+class FaultyNet(nn.Module):
+    """A linear model whose process of rank `rank` hangs or dies at its `at_call`-th training
+    forward pass: for tests of what the other ranks do."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fault: str = "hang",
+        rank: int = 1,
+        at_call: int = 5,
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.fault, self.at_call, self.calls = fault, at_call, 0
+        self.faulty = int(os.environ.get("RANK", "0")) == rank
+
+    def forward(self, x):
+        if self.training and self.faulty:
+            self.calls += 1
+            if self.calls == self.at_call:
+                if self.fault == "die":
+                    os._exit(1)
+                time.sleep(600)
+        return self.linear(x)

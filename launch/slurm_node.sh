@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One node of launch/slurm.sbatch (srun runs this once per node): torchrun with NPROC_PER_NODE
+# workers (default: this node's GPUs, 1 on a CPU node), joined to the other nodes by a c10d
+# rendezvous on the job's first node. Not meant to be run by hand.
+#   usage: slurm_node.sh HEAD_HOST:PORT TRAIN_SCRIPT [overrides...]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+endpoint=$1
+shift
+nproc=$(nproc_per_node)
+# The first node of the allocation hosts the rendezvous store. Say so explicitly: torch's guess
+# (does the endpoint name this machine?) fails where node names differ from `hostname`.
+is_host=0
+[[ "${SLURM_NODEID:-0}" == 0 ]] && is_host=1
+# SIGUSR1 (the preemption warning) reaches every process of the job step: SLURM signals the
+# step's whole process tree, so the training workers get it directly and checkpoint. torchrun's
+# agent has no USR1 handler, and USR1's default action would kill it, ending the step while
+# its workers still write the checkpoint (SLURM then kills them). So the agent starts with USR1
+# ignored; the workers inherit that until gddist installs its handler, so an early USR1 is not
+# fatal either.
+trap '' USR1
+# After an elastic restart (MAX_RESTARTS > 0), workers that share the agent's rendezvous store can
+# read the previous attempt's addresses and fail to connect (pytorch/pytorch#135712): give each
+# attempt a store of its own.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+exec "${PYTHON:-python}" -m torch.distributed.run \
+  --nnodes="${SLURM_JOB_NUM_NODES:-1}" \
+  --nproc-per-node="$nproc" \
+  --rdzv-backend=c10d \
+  --rdzv-endpoint="$endpoint" \
+  --rdzv-id="${SLURM_JOB_ID:?run this under srun}" \
+  --rdzv-conf="is_host=$is_host" \
+  --max-restarts="${MAX_RESTARTS:-0}" \
+  "$@"

@@ -120,3 +120,20 @@ def test_batch_that_does_not_split_over_ranks_fails_on_every_rank(tmp_path):
     )
     # torchrun's agent prints its own report; no traceback comes from gddist's code.
     assert "UserError" not in proc.stderr and "gddist/" not in proc.stderr
+
+
+def test_early_stopping_stops_every_rank_on_the_same_step(tmp_path):
+    args = [
+        "model=mlp",
+        "trainer.max_steps=200",
+        "trainer.eval_every=5",
+        "trainer.log_every=5",
+        "early_stopping.monitor=val/loss",
+        "early_stopping.mode=max",
+        "early_stopping.patience=2",
+    ]
+    results = spawn(_fit_worker, 2, tmp_path, tmp_path / "run", args)
+    steps = [r["summary"]["step"] for r in results]
+    assert steps[0] == steps[1] < 200
+    assert all(r["summary"]["stopped_by"] == "early_stopping" for r in results)
+    assert max_weight_diff(results[0]["state"], results[1]["state"]) == 0

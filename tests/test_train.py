@@ -10,7 +10,7 @@ import torch
 from helpers import compose, load_model, rows, train
 
 import gddist
-from gddist.config import Config
+from gddist.config import Config, UserError
 from gddist.data import build as build_data
 from gddist.dist import LaunchEnv, init
 from gddist.trainer import Trainer
@@ -234,3 +234,34 @@ def test_user_model_by_target(tmp_path):
     )
     assert load_model(tmp_path)["body.0.weight"].shape == (5, 3)
     assert not summary["diverged"]
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
+    # val/loss in mode=max (it falls as training goes): stops `patience` evaluations after its peak.
+    summary = train(
+        tmp_path,
+        "model=mlp",
+        "trainer.max_steps=200",
+        "trainer.eval_every=5",
+        "early_stopping.monitor=val/loss",
+        "early_stopping.mode=max",
+        "early_stopping.patience=2",
+    )
+    evals = [r["val/loss"] for r in rows(tmp_path) if "val/loss" in r]
+    assert summary["stopped_by"] == "early_stopping" and summary["step"] < 200
+    best = max(range(len(evals)), key=lambda i: evals[i])
+    assert len(evals) == best + 1 + 2  # the best evaluation, then `patience` without improvement
+    assert (tmp_path / "model.pt").exists()  # an early-stopped run is a finished run
+
+
+def test_early_stopping_on_a_metric_the_task_lacks_is_a_clear_error(tmp_path):
+    with pytest.raises(
+        UserError, match="early_stopping.monitor='val/r2' is not a validation metric of this task"
+    ):
+        train(
+            tmp_path,
+            "trainer.max_steps=10",
+            "trainer.eval_every=5",
+            "early_stopping.monitor=val/r2",
+            "early_stopping.patience=1",
+        )

@@ -19,6 +19,7 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     from gddist import data as data_mod
     from gddist import dist as dist_mod
     from gddist.config import Config
+    from gddist.engine import check_precision
     from gddist.signals import requeue_slurm_job
     from gddist.trainer import Trainer
 
@@ -26,6 +27,7 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         cfg = Config.from_dict(cfg)
     env = dist_mod.detect_launch()
     cfg.check_world(env.world_size)
+    check_precision(cfg.trainer.precision, dist_mod.pick_device(cfg.dist.device, env.local_rank))
     data = data_mod.build(cfg.data, cfg.seed)
     dist = dist_mod.init(cfg.dist, env)
     try:

@@ -1,11 +1,12 @@
 """Checkpoints that survive crashes: written whole or not at all, resumed from the newest good one.
 
-Layout: CKPT_DIR/step_000001200/ holds `state.pt` (model, optimizer, scheduler, trainer state,
-config, world size, tracker run id: written by rank 0), `rank_00000.pt` ... (each rank's RNG
-states) and `manifest.json` (size and sha256 of every file). A save writes everything into a
-hidden `.tmp-step_...` directory, waits for all ranks, writes the manifest and renames the
-directory into place; a directory named `step_*` is therefore complete unless the disk lied, and the
-manifest catches that (truncated or corrupt files are reported and skipped).
+Layout: CKPT_DIR/step_000001200/ holds `state.pt` (model, optimizer, scheduler, grad scaler,
+trainer state, config, world size, tracker run id: written by rank 0), `rank_00000.pt` ... (each
+rank's RNG states) and `manifest.json` (size and sha256 of every file). A save writes everything
+into a hidden `.tmp-step_...` directory; rank 0 waits until every rank's part is there, writes the
+manifest and renames the directory into place. A directory named `step_*` is therefore complete
+unless the disk lied, and the manifest catches that (truncated or corrupt files are reported and
+skipped). With checkpoint.async=true the same writing runs in a background thread on a snapshot.
 
 Loading uses `torch.load(..., weights_only=True)`: a checkpoint is data, never code.
 """
@@ -19,6 +20,8 @@ import os
 import pickle
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,49 +50,95 @@ class CorruptCheckpoint(Exception):
 class Checkpointer:
     """Saves and finds checkpoints for one run; `save` and `find_resume` are collective calls."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, dist: Dist) -> None:
+    def __init__(
+        self, cfg: CheckpointConfig, run_dir: Path, dist: Dist, timeout_s: float = 1800.0
+    ) -> None:
         self.cfg = cfg
         self.dist = dist
         self.dir = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self.timeout_s = timeout_s  # how long rank 0 waits for the other ranks' parts
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Write a checkpoint of `step` (every rank passes its own `rank_state`; `state` is
-        used from rank 0). Returns the final directory. Nothing named step_* exists until every
-        rank's part is on disk."""
-        final = self.dir / f"step_{step:09d}"
-        tmp = self.dir / f".tmp-step_{step:09d}"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
+    def save(self, step: int, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """Checkpoint `step`: every rank calls this at the same step with its own `rank_state`;
+        `state` is used from rank 0. Nothing named step_* exists until every rank's part is on
+        disk.
+
+        Synchronous (default): returns once the checkpoint is complete on every rank.
+        checkpoint.async=true: returns once the state is snapshotted (copied off the live
+        tensors); a background thread writes it while training goes on. At most one save is in
+        flight: the next save (or `wait`) waits for the previous one.
+        """
+        self.wait()
+        # A name unique to this save (agreed with a collective here, in the main thread): parts of
+        # an earlier, crashed attempt at the same step can never be mistaken for this one's.
+        token = self.dist.broadcast_object(os.urandom(6).hex() if self.dist.is_main else None)
+        tmp = self.dir / f".tmp-step_{step:09d}-{token}"
+        if not self.cfg.async_save:
+            self._write(step, tmp, state, rank_state)
+            self.dist.barrier()
+            return
+        state, rank_state = _snapshot(state), _snapshot(rank_state)
+        self._thread = threading.Thread(
+            target=self._write_in_background, args=(step, tmp, state, rank_state), daemon=True
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the in-flight background save is complete; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_in_background(self, *args: Any) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # surfaced by the next wait(), in the training thread
+            self._error = e
+
+    def _write(
+        self, step: int, tmp: Path, state: dict[str, Any], rank_state: dict[str, Any]
+    ) -> None:
+        """Write this rank's part; rank 0 also writes the shared state, waits for every rank's
+        part (files appear only when complete), writes the manifest and renames into place.
+        No collectives: this may run in a background thread while training uses the group."""
+        tmp.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(rank_state, tmp / rank_file(self.dist.rank))
-        if self.dist.is_main:
-            atomic_torch_save(state, tmp / STATE)
-        self.dist.barrier()  # every rank's part is written and fsynced
-        if self.dist.is_main:
-            files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".pt")
-            manifest = {
-                "format": FORMAT,
-                "step": step,
-                "world_size": self.dist.world_size,
-                "files": {name: _describe(tmp / name) for name in files},
-            }
-            atomic_save_json(manifest, tmp / MANIFEST)
-            if final.exists():  # this step was saved already (a final save after a periodic one)
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, final)
-                _fsync_dir(self.dir)
-            self._prune()
-        self.dist.barrier()
-        return final
+        if not self.dist.is_main:
+            return
+        atomic_torch_save(state, tmp / STATE)
+        expected = [rank_file(r) for r in range(self.dist.world_size)]
+        deadline = time.monotonic() + self.timeout_s
+        while not all((tmp / name).exists() for name in expected):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"checkpoint {tmp.name}: not every rank wrote its part")
+            time.sleep(0.01)
+        files = [STATE, *expected]
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "world_size": self.dist.world_size,
+            "files": {name: _describe(tmp / name) for name in files},
+        }
+        atomic_save_json(manifest, tmp / MANIFEST)
+        final = self.dir / f"step_{step:09d}"
+        if final.exists():  # this step was saved already (a final save after a periodic one)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        self._prune()
 
     def _prune(self) -> None:
-        """Keep the `keep_last` newest complete checkpoints; never the newest one goes."""
-        complete = self.complete()
-        for old in complete[: -self.cfg.keep_last]:
+        """Keep the `keep_last` newest complete checkpoints (never the newest one), and drop
+        temporary dirs of saves that crashed (none is in flight: this save was the only one)."""
+        for old in self.complete()[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.dir.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -177,6 +226,18 @@ def safe_load(path: Path) -> Any:
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CorruptCheckpoint(f"{path.name} cannot be read ({str(e).splitlines()[0]})") from None
+
+
+def _snapshot(tree: Any) -> Any:
+    """A deep copy of every tensor in `tree`, on CPU: what a background writer may read while the
+    training loop keeps changing the live weights and optimizer state."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _snapshot(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_snapshot(v) for v in tree)
+    return tree
 
 
 def _describe(file: Path) -> dict[str, Any]:

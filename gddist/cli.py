@@ -98,6 +98,10 @@ def check_overrides(argv: Sequence[str], conf_dir: Path) -> None:
         raise UserError(_one_line(e)) from None
     for o in overrides:
         group = o.key_or_group
+        if group.startswith("hydra/"):  # Hydra's own groups also take installed plugins' options
+            if group == "hydra/launcher" and o.value() == "slurm":
+                _require_submitit()
+            continue
         if o.is_delete() or o.package or not (conf_dir / group).is_dir():
             continue
         choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
@@ -116,6 +120,17 @@ def check_overrides(argv: Sequence[str], conf_dir: Path) -> None:
             compose("config", overrides=list(argv))
         except Exception as e:
             raise UserError(_one_line(e)) from None
+
+
+def _require_submitit() -> None:
+    """conf/hydra/launcher/slurm.yaml extends the plugin's submitit_slurm: say how to get it."""
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        raise UserError(
+            "hydra/launcher=slurm needs the Hydra submitit launcher; "
+            "pip install 'gddist[slurm]' (or hydra-submitit-launcher)"
+        )
 
 
 def _one_line(e: Exception) -> str:

@@ -191,6 +191,9 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 50  # 0: evaluate only at the end
     on_nonfinite: str = "stop"
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU and CUDA) | fp16 (CUDA, GradScaler)
+    compile: bool = False  # torch.compile the model (checkpoints keep plain keys)
+    compile_backend: str = "inductor"  # torch.compile backend (eager / aot_eager to debug)
     stop_check_every: int = 10  # steps between all-reduces that agree on a stop signal (N > 1)
 
     def validate(self) -> None:
@@ -213,6 +216,7 @@ class TrainerConfig:
             if value is not None and not value > 0:
                 raise UserError(f"trainer.{key}={value} must be > 0 (or null to disable)")
         _choice("trainer.on_nonfinite", self.on_nonfinite, NONFINITE)
+        _choice("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -222,6 +226,14 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | never | <path to a checkpoint dir>
     dir: str | None = None  # default: RUN_DIR/checkpoints
     allow_changes: bool = False  # resume even if model shape / global batch / seed changed
+    async_save: bool = False  # `checkpoint.async`: write in a background thread
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointConfig:
+        d = dict(d)
+        if "async" in d:  # `async` is the public key; it is a Python keyword, hence the field name
+            d["async_save"] = d.pop("async")
+        return _build(cls, d, "checkpoint")
 
     def validate(self) -> None:
         if self.every_steps < 0:
@@ -269,6 +281,14 @@ class LoggerConfig:
 
 
 @dataclass
+class EngineConfig:
+    name: str = "ddp"  # ddp (native DistributedDataParallel) | accelerate
+
+    def validate(self) -> None:
+        _choice("engine", self.name, ("ddp", "accelerate"))
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"
     device: str = "auto"
@@ -293,6 +313,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     @classmethod
@@ -316,6 +337,7 @@ class Config:
             self.checkpoint,
             self.early_stopping,
             self.logger,
+            self.engine,
             self.dist,
         ):
             section.validate()

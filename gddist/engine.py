@@ -1,50 +1,190 @@
-"""How the model is wrapped and its gradients are synchronized, clipped and measured.
+"""How the model is wrapped, run in mixed precision, and how its gradients are synced and clipped.
 
-The native engine wraps the model in DistributedDataParallel when the world has more than one
-process (gradient_as_bucket_view: gradients live in DDP's buckets, no extra copy). Micro-batches
-before the last one of an optimizer step run under `no_sync()`, so gradients are all-reduced exactly
-once per optimizer step.
+An engine is the small seam between the training loop and the distributed machinery:
+
+    engine.model                  what forward runs on (DDP / Accelerate-wrapped / compiled)
+    engine.module                 the plain nn.Module (state_dict keys without module./_orig_mod.)
+    engine.prepare_optimizer(o)   the optimizer the loop steps
+    engine.sync_context(sync)     all-reduce gradients on this backward only when `sync`
+    engine.autocast()             mixed-precision context for forward + loss
+    engine.backward(loss)         (scaled) backward
+    engine.clip_gradients(o, n, v) -> global grad norm (a device tensor, no host sync)
+    engine.step(o)                optimizer step (through the fp16 GradScaler when there is one)
+    engine.state_dict() / load_state_dict()   the GradScaler's state, for checkpoints
+
+`ddp` wraps the model in DistributedDataParallel itself (gradient_as_bucket_view: gradients live in
+DDP's buckets, no extra copy). `accelerate` runs the same loop through `accelerate.Accelerator`, so
+its launcher and plugins can be used. Micro-batches before the last one of an optimizer step run
+without gradient sync, so gradients are all-reduced once per optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gddist.config import Config, UserError
 from gddist.dist import Dist
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+Compiler = Callable[[nn.Module], nn.Module]
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 needs CUDA: it only trains with a GradScaler, which is a CUDA feature here."""
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(
+            "trainer.precision=fp16 needs a CUDA device (fp16 autocast with a GradScaler); "
+            "use trainer.precision=bf16 on CPU"
+        )
+
+
+def build(cfg: Config, model: nn.Module, dist: Dist) -> DDPEngine | AccelerateEngine:
+    """The engine named by cfg.engine (precision was checked by `check_precision` already)."""
+    if cfg.engine.name == "accelerate":
+        return AccelerateEngine(model, dist, cfg.trainer.precision, _compiler(cfg))
+    return DDPEngine(model, dist, cfg.trainer.precision, _compiler(cfg))
+
+
+def _compiler(cfg: Config) -> Compiler | None:
+    if not cfg.trainer.compile:
+        return None
+    return lambda m: torch.compile(m, backend=cfg.trainer.compile_backend)
+
+
+def _grad_norm(
+    module: nn.Module, clip_norm: float | None, clip_value: float | None
+) -> torch.Tensor:
+    """Clip (value, then norm) gradients that are already all-reduced and unscaled; return the
+    global norm before norm clipping. Every rank holds the same gradients, so every rank computes
+    the same norm: a non-finite norm is a decision all ranks share without another collective."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if clip_value is not None:
+        torch.nn.utils.clip_grad_value_(params, clip_value)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if clip_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm)
+    return norm
 
 
 class DDPEngine:
-    def __init__(self, model: nn.Module, dist: Dist) -> None:
-        self.module = model  # the plain model: state_dict keys without "module."
+    """The native engine: DDP (world > 1), torch.autocast, a CUDA GradScaler for fp16."""
+
+    def __init__(
+        self, model: nn.Module, dist: Dist, precision: str, compiler: Compiler | None
+    ) -> None:
+        self.module = model
+        wrapped = model
         if dist.distributed:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.model: nn.Module = DistributedDataParallel(
+            wrapped = DistributedDataParallel(
                 model, device_ids=device_ids, gradient_as_bucket_view=True
             )
-        else:
-            self.model = model
+        self._ddp = wrapped if dist.distributed else None
+        # Compile the wrapper (DDP-aware graph breaks); checkpoints use the plain `module`.
+        self.model: nn.Module = compiler(wrapped) if compiler else wrapped
+        self.device_type = dist.device.type
+        self.dtype = DTYPES[precision]
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    @property
+    def skips_nonfinite_steps(self) -> bool:
+        """With a GradScaler, an overflowing step is skipped by design: not a divergence."""
+        return self.scaler is not None
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
 
     def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Context for one micro-batch's backward: all-reduce gradients only when `sync`."""
-        if sync or not isinstance(self.model, DistributedDataParallel):
+        if sync or self._ddp is None:
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return self._ddp.no_sync()
 
-    def clip_gradients(self, clip_norm: float | None, clip_value: float | None) -> torch.Tensor:
-        """Clip the (already all-reduced) gradients; return the global norm before norm clipping.
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
-        The norm is a device tensor (no host sync). After the all-reduce every rank holds the same
-        gradients, so every rank computes the same norm: a non-finite norm is a decision all ranks
-        share without another collective.
-        """
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if clip_value is not None:
-            torch.nn.utils.clip_grad_value_(self.module.parameters(), clip_value)
-        norm = torch.nn.utils.get_total_norm(grads)
-        if clip_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), clip_norm, norm)
-        return norm
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def clip_gradients(
+        self, optimizer: torch.optim.Optimizer, clip_norm: float | None, clip_value: float | None
+    ) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # clip and measure true gradients
+        return _grad_norm(self.module, clip_norm, clip_value)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class AccelerateEngine:
+    """The same seam through `accelerate.Accelerator` (prepare, backward, clip, no_sync,
+    autocast). gddist has already joined the process group; Accelerate reuses it."""
+
+    def __init__(
+        self, model: nn.Module, dist: Dist, precision: str, compiler: Compiler | None
+    ) -> None:
+        from accelerate import Accelerator  # lazy: a second of imports
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)  # one Accelerator per run, also for runs in-process
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+        self.accelerator = Accelerator(cpu=dist.device.type == "cpu", mixed_precision=mixed)
+        self.module = model
+        self.model = self.accelerator.prepare_model(model, device_placement=False)
+        if compiler:
+            self.model = compiler(self.model)
+
+    @property
+    def skips_nonfinite_steps(self) -> bool:
+        return self.accelerator.scaler is not None
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return self.accelerator.prepare_optimizer(optimizer, device_placement=False)
+
+    def sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_gradients(
+        self, optimizer: torch.optim.Optimizer, clip_norm: float | None, clip_value: float | None
+    ) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if clip_norm is not None and clip_value is None:
+            return self.accelerator.clip_grad_norm_(params, clip_norm)
+        self.accelerator.unscale_gradients()  # a no-op without an fp16 scaler
+        return _grad_norm(self.module, clip_norm, clip_value)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()  # an AcceleratedOptimizer: steps through the scaler when there is one
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {"scaler": scaler.state_dict()} if scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])

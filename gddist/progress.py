@@ -3,7 +3,7 @@
 `logger.progress=auto` picks the bar when the stream (stdout) is a terminal and lines when it is
 not (CI logs, SLURM output files, pipes), where a bar's carriage returns would be noise. The bar
 shows step/total, ETA, train loss, LR and samples/s; evaluation rows are printed above it. A line
-shows the same fields as text, once per logged row, with the ETA computed from samples/s.
+shows the same fields as text, once per logged row, with an ETA from the steps done so far.
 Non-zero ranks never build a Progress (their tracker is a NullTracker).
 """
 
@@ -14,11 +14,12 @@ import datetime
 import logging
 import os
 import shutil
+import time
 from typing import Any, TextIO
 
 log = logging.getLogger("gddist")
 
-MODES = ("auto", "bar", "lines", "none")
+_clock = time.monotonic  # the ETA's clock (tests replace it)
 
 
 class Progress:
@@ -36,20 +37,22 @@ class Lines(Progress):
     RUN_DIR/<job>.log), e.g. `step 50/240 (21%) | epoch 4 | train/loss 0.5312 | lr 0.1 | ...
     | eta 0:00:03`."""
 
-    def __init__(self, total_steps: int | None, batch_size: int | None) -> None:
+    def __init__(self, total_steps: int | None, start_step: int) -> None:
         self.total = total_steps
-        self.batch_size = batch_size
+        self.start_step = start_step
+        self.started = _clock()
 
     def update(self, row: dict[str, Any]) -> None:
         line = format_row(row, self.total)
-        eta = self._eta(row)
+        eta = self._eta(row["step"])
         log.info(f"{line} | eta {eta}" if eta else line)
 
-    def _eta(self, row: dict[str, Any]) -> str | None:
-        rate = row.get("samples/s")
-        if not (self.total and self.batch_size and rate):
+    def _eta(self, step: int) -> str | None:
+        """Remaining steps at the mean pace of this process so far (evaluations included)."""
+        done = step - self.start_step
+        if not self.total or done <= 0:
             return None
-        seconds = (self.total - row["step"]) * self.batch_size / rate
+        seconds = (self.total - step) * (_clock() - self.started) / done
         return str(datetime.timedelta(seconds=round(seconds)))
 
 
@@ -94,24 +97,18 @@ class Bar(Progress):
         self._redirect.close()
 
 
-def make(
-    mode: str,
-    stream: TextIO,
-    total_steps: int | None,
-    start_step: int = 0,
-    batch_size: int | None = None,
-) -> Progress:
+def make(mode: str, stream: TextIO, total_steps: int | None, start_step: int = 0) -> Progress:
     """The progress display for `mode` (auto: Bar when `stream` is a terminal, else Lines).
 
-    `total_steps` (None: unknown, no percentage or ETA) and `start_step` (> 0 when resuming) place
-    the run; `batch_size` (the global batch) turns samples/s into the ETA of the lines.
+    `total_steps` (None: unknown, so no percentage or ETA) and `start_step` (> 0 when resuming)
+    place the run; the ETA counts from the moment this is called.
     """
     if mode == "auto":
         mode = "bar" if _isatty(stream) else "lines"
     if mode == "bar":
         return Bar(total_steps, start_step, stream)
     if mode == "lines":
-        return Lines(total_steps, batch_size)
+        return Lines(total_steps, start_step)
     return Progress()
 
 

@@ -137,7 +137,7 @@ def table(jobs: list[Job], spec: ReportSpec) -> tuple[list[str], list[list[str]]
     header = [spec.labels.get(k, k) for k in swept] + ["steps", "samples"] + metric_cols
     header += ["steps to target", "samples to target", "diverged", "wall time (s)"]
     if spec.sparsity_threshold is not None:
-        header.append(f"sparsity (|w| < {spec.sparsity_threshold:g})")
+        header.append(f"sparsity (abs(w) < {spec.sparsity_threshold:g})")
     if spec.best:
         header.append("best")
     body = []
@@ -176,8 +176,10 @@ def table(jobs: list[Job], spec: ReportSpec) -> tuple[list[str], list[list[str]]
 
 
 def markdown(header: list[str], body: list[list[str]], notes: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # | ends a cell
+
+    lines = [line(header), "|" + "---|" * len(header)] + [line(row) for row in body]
     return "\n".join(notes) + "\n\n" + "\n".join(lines) + "\n"
 
 

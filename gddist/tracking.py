@@ -42,13 +42,10 @@ class Tracker:
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
-        if total_steps is None:
-            total_steps = config.get("trainer", {}).get("max_steps")
-        batch_size = config.get("data", {}).get("batch_size")
+        if total_steps is None and "trainer" in config:  # the resolved run config
+            total_steps = config["trainer"]["max_steps"]
         # Progress before wandb: wandb wraps sys.stdout, and the bar/lines choice looks at it.
-        self.progress = progress.make(
-            cfg.progress, stream or sys.stdout, total_steps, start_step, batch_size
-        )
+        self.progress = progress.make(cfg.progress, stream or sys.stdout, total_steps, start_step)
         self._wandb = WandbRun(Path(run_dir), cfg, config, run_id) if cfg.name == "wandb" else None
 
     @property

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from gddist import engine as engine_mod
 from gddist import models, tracking
 from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
 from gddist.data import GlobalBatches, TensorData
 from gddist.dist import Dist
-from gddist.engine import DDPEngine
 from gddist.io import atomic_save_json, atomic_torch_save, truncate_jsonl
 from gddist.metrics import Evaluator, task_loss
 from gddist.optim import Penalty, build_optimizer, build_scheduler, is_plateau
@@ -75,14 +75,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = models.build(cfg.model, data.num_features, data.num_outputs).to(dist.device)
         seed_rank(cfg.seed, dist.rank)
-        self.engine = DDPEngine(model, dist)
-        self.optimizer = build_optimizer(cfg.optimizer, model.parameters())
+        self.engine = engine_mod.build(cfg, model, dist)
+        self.optimizer = self.engine.prepare_optimizer(
+            build_optimizer(cfg.optimizer, model.parameters())
+        )
         self.scheduler = build_scheduler(
             cfg.scheduler, self.optimizer, cfg.optimizer.lr, self.max_steps
         )
         self.penalty = Penalty(cfg.regularization, models.weight_matrices(model))
         self.evaluator: Evaluator | None = None  # built at the first evaluation (lazy import)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, dist)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, dist, cfg.dist.timeout_s)
         self.signals = StopSignals()
 
         self.step = 0  # optimizer steps completed
@@ -164,12 +166,15 @@ class Trainer:
             x, y = self.data.x_train[rows], self.data.y_train[rows]
             # Gradients are all-reduced once per optimizer step: on the last micro-batch.
             with self.engine.sync_context(sync=micro == accum - 1):
-                loss = task_loss(self.data.task, self.engine.model(x), y)
-                objective = loss + self.penalty() if self.penalty.active else loss
-                (objective / accum).backward()
+                with self.engine.autocast():
+                    loss = task_loss(self.data.task, self.engine.model(x), y)
+                    objective = loss + self.penalty() if self.penalty.active else loss
+                self.engine.backward(objective / accum)
             losses.append(loss.detach())
         step_loss = losses[0] if accum == 1 else torch.stack(losses).mean()
-        grad_norm = self.engine.clip_gradients(tc.grad_clip_norm, tc.grad_clip_value)
+        grad_norm = self.engine.clip_gradients(
+            self.optimizer, tc.grad_clip_norm, tc.grad_clip_value
+        )
         lr = self.optimizer.param_groups[0]["lr"]
         # `stop` looks at the next log step (no per-step host sync); `skip` must decide now, and
         # all ranks must agree: a loss can be non-finite on one rank while the gradients are not.
@@ -177,7 +182,7 @@ class Trainer:
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            self.optimizer.step()
+            self.engine.step(self.optimizer)
             self._pending.append((self.step + 1, step_loss, grad_norm, lr))
         if not is_plateau(self.scheduler):
             self.scheduler.step()
@@ -226,6 +231,7 @@ class Trainer:
         )
 
     def finish(self, divergence: Diverged | None, wall_time: float) -> dict[str, Any]:
+        self.checkpointer.wait()  # an async save still being written completes first
         summary = {
             "step": self.step,
             "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
@@ -270,6 +276,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "engine": self.engine.state_dict(),  # the fp16 GradScaler, when there is one
             "trainer": {
                 "skipped_steps": self.skipped_steps,
                 "last_train_loss": self.last_train_loss,
@@ -292,6 +299,7 @@ class Trainer:
         self.engine.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.engine.load_state_dict(state["engine"])
         self.step = self.saved_step = state["step"]
         for key, value in state["trainer"].items():
             setattr(self, key, value)
@@ -344,7 +352,9 @@ class Trainer:
                 )
 
     def _any_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        bad = (~torch.isfinite(loss)).float() + (~torch.isfinite(grad_norm)).float()
+        bad = (~torch.isfinite(loss)).float()
+        if not self.engine.skips_nonfinite_steps:  # fp16's GradScaler handles overflowing grads
+            bad = bad + (~torch.isfinite(grad_norm)).float()
         return self.dist.all_reduce_sum(bad.reshape(1)).item() > 0
 
     def _check_finite(self) -> None:
@@ -371,7 +381,9 @@ class Trainer:
         lrs = [p[3] for p in pending]
         losses = self.dist.all_reduce_mean(losses).cpu()
         norms = norms.cpu()
-        bad = ~(torch.isfinite(losses) & torch.isfinite(norms))
+        bad = ~torch.isfinite(losses)
+        if not self.engine.skips_nonfinite_steps:  # fp16's GradScaler handles overflowing grads
+            bad |= ~torch.isfinite(norms)
         if bad.any():
             i = int(bad.nonzero()[0])
             raise Diverged(pending[i][0], losses[i].item(), lrs[i])

@@ -122,7 +122,9 @@ def spawn(fn, world: int, tmp_path: Path, *args: Any) -> list[Any]:
 
 
 def _worker(rank: int, fn, world: int, init_method: str, out: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
+    )
     torch.set_num_threads(1)
     result = fn(rank, init_method, *args)
     torch.save(result, Path(out) / f"{rank}.pt")

@@ -162,7 +162,7 @@ class SlurmCluster:
         """Submit; the job id."""
         return int(self.run("sbatch", "--parsable", *args, env=env, cwd=cwd).split(";")[0])
 
-    def job(self, job_id: int) -> dict[str, str]:
+    def job(self, job_id: int | str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, StdOut, ...)."""
         out = self.run("scontrol", "--oneliner", "show", "job", str(job_id))
         fields: dict[str, str] = {}
@@ -174,7 +174,7 @@ class SlurmCluster:
 
     def wait_job(
         self,
-        job_id: int,
+        job_id: int | str,
         until: Callable[[dict[str, str]], bool],
         timeout: float,
         what: str,
@@ -196,7 +196,7 @@ class SlurmCluster:
                 )
             time.sleep(0.3)
 
-    def wait_done(self, job_id: int, timeout: float = 180) -> dict[str, str]:
+    def wait_done(self, job_id: int | str, timeout: float = 180) -> dict[str, str]:
         """Wait for the job to end; SlurmError (with its log) unless it COMPLETED."""
         fields = self.wait_job(
             job_id, lambda f: f["JobState"] in END_STATES, timeout, "end of the job"

@@ -1,15 +1,20 @@
-"""The launch scripts without SLURM: how many processes a node starts (launch/common.sh), and
-launch/torchrun.sh end to end (2 processes, extra arguments passed through, a crashed worker
-restarted by default and resumed from its checkpoint to the single-process weights)."""
+"""Launching without SLURM: how many processes a node starts (launch/common.sh); launch/torchrun.sh
+end to end (2 processes, extra arguments passed through, a crashed worker restarted by default
+and resumed from its checkpoint to the single-process weights); the early override check and the
+Hydra launcher groups (conf/hydra/launcher/slurm.yaml needs hydra-submitit-launcher)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, clean_env, load_model, max_weight_diff, train
+from helpers import CONF, ROOT, clean_env, load_model, max_weight_diff, train
+
+from gddist.cli import check_overrides
+from gddist.config import UserError
 
 LAUNCH = ROOT / "launch"
 
@@ -94,3 +99,23 @@ def test_torchrun_sh_restarts_a_crashed_worker_and_resumes_to_the_same_weights(t
     (run_dir,) = (tmp_path / "outputs").glob("torchrun-*")
     assert f"resumed from {run_dir / 'checkpoints' / 'step_000000010'}" in proc.stdout
     assert max_weight_diff(load_model(run_dir), load_model(tmp_path / "one")) < 1e-5
+
+
+def test_hydra_groups_take_plugin_options_the_early_check_does_not_know():
+    # conf/hydra/launcher/ holds only slurm.yaml; Hydra's own and plugins' launchers stay valid.
+    check_overrides(["hydra/launcher=basic", "experiment=smoke"], CONF)
+
+
+def test_slurm_launcher_without_its_plugin_is_one_clear_line(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if "submitit" in name else real_find_spec(name, *a),
+    )
+    with pytest.raises(UserError) as error:
+        check_overrides(["-m", "hydra/launcher=slurm", "optimizer.lr=0.1,0.01"], CONF)
+    assert str(error.value) == (
+        "hydra/launcher=slurm needs the Hydra submitit launcher; "
+        "pip install 'gddist[slurm]' (or hydra-submitit-launcher)"
+    )

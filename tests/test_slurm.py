@@ -9,7 +9,10 @@ failure instead, since CI installs the packages (.ci/run).
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,3 +141,32 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(
     assert last_step(run_dir) == PREEMPT_STEPS
     assert world_size_of_last_checkpoint(run_dir) == 2
     assert max_weight_diff(load_model(run_dir), load_model(tmp_path / "reference")) < 1e-5
+
+
+def test_multirun_sweep_goes_out_as_slurm_jobs(slurm, reference, tmp_path):
+    """python train.py -m hydra/launcher=slurm ... : one SLURM job per run (submitit), each run in
+    its own sweep subdir with its own overrides; the launching command waits for all of them."""
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        require_or_skip("hydra-submitit-launcher is not installed; pip install 'gddist[slurm]'")
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm"]
+        + [f"hydra.sweep.dir={sweep}", *ARGS, "optimizer.lr=0.1,0.01"],
+        cwd=tmp_path,
+        env=job_env(slurm),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    # One array job, one task per run: .submitit/<array id>_<task id>/ holds each task's log.
+    tasks = sorted(
+        p.name for p in (sweep / ".submitit").iterdir() if re.match(r"^\d+_\d+$", p.name)
+    )
+    assert len(tasks) == 2, tasks
+    for task in tasks:  # results are in; the jobs themselves end a moment later
+        slurm.wait_done(task, timeout=60)
+    # Run 0 has the default lr (0.1): the reference run. Run 1 got its own override.
+    assert max_weight_diff(load_model(sweep / "0"), reference) < 1e-5
+    assert "optimizer.lr=0.01" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert max_weight_diff(load_model(sweep / "1"), reference) > 1e-3

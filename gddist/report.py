@@ -48,6 +48,11 @@ class ReportSpec:
     best: bool = False  # mark the non-diverged job with the lowest final `metric`
     labels: dict[str, str] = field(default_factory=dict)  # override key -> column title
     log_y: bool | None = None  # log scale in report.png; None: when values span > 2 decades
+    x_axis: str = "step"  # report.png's x axis: step | samples (steps x global batch)
+
+    def __post_init__(self) -> None:
+        if self.x_axis not in ("step", "samples"):
+            raise ValueError(f"x_axis={self.x_axis!r} must be step or samples")
 
 
 @dataclass
@@ -213,7 +218,11 @@ def plot_report(jobs: list[Job], spec: ReportSpec, path: Path) -> None:
     kept = []  # values of the jobs that did not diverge: they set the y range
     for job in jobs:
         steps, values = plots.series(job.rows, spec.metric)
-        label = ", ".join(job.overrides.get(k, "") for k in swept) or job.dir.name
+        if spec.x_axis == "samples":
+            batch = (job.config or {}).get("data", {}).get("batch_size") or 1
+            steps = [s * batch for s in steps]
+        label = ", ".join(f"{spec.labels.get(k, k)}={job.overrides.get(k, '')}" for k in swept)
+        label = label or job.dir.name
         diverged = bool(job.summary and job.summary.get("diverged"))
         if diverged:
             label += " (diverged)"
@@ -231,7 +240,7 @@ def plot_report(jobs: list[Job], spec: ReportSpec, path: Path) -> None:
         else:
             pad = 0.05 * (high - low or abs(high) or 1.0)
             ax.set_ylim(low - pad, high + 3 * pad)
-    ax.set_xlabel("step")
+    ax.set_xlabel("samples seen" if spec.x_axis == "samples" else "step")
     ax.set_ylabel(spec.metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -285,9 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimum", type=float, help="known minimum (default: best in sweep)")
     parser.add_argument("--sparsity-threshold", type=float, help="also report weight sparsity")
     parser.add_argument("--best", action="store_true", help="mark the best job")
+    parser.add_argument("--x-axis", choices=("step", "samples"), help="report.png's x axis")
     args = parser.parse_args(argv)
     spec = spec_from_multirun(args.multirun_dir)
-    for name in ("metric", "tolerance", "optimum", "sparsity_threshold"):
+    for name in ("metric", "tolerance", "optimum", "sparsity_threshold", "x_axis"):
         if getattr(args, name) is not None:
             setattr(spec, name, getattr(args, name))
     spec.best = spec.best or args.best

@@ -1,0 +1,94 @@
+"""`python -m gddist.bench` runs end to end and reports consistent numbers (never its speed:
+speed targets are read from the benchmark's report, not asserted in tests)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, clean_env
+
+from gddist.bench.system import parse_importtime
+
+
+@pytest.mark.slow
+def test_quick_benchmark_reports_every_part_consistently(tmp_path):
+    out = tmp_path / "bench" / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gddist.bench", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    result = json.loads(out.read_text())
+    report = proc.stdout
+
+    # 1. Step time: every (size, processes) pair, positive times, medians and ratios that follow
+    # from the per-repetition numbers, and the same final weights on both sides.
+    rows = {(r["size"], r["nproc"]): r for r in result["step_time"]}
+    assert set(rows) == {(s, n) for s in ("small", "large") for n in (1, 2)}
+    for r in rows.values():
+        assert r["reps"] == len(r["gddist_ms_all"]) == len(r["plain_ms_all"]) == 2
+        assert min(r["gddist_ms_all"] + r["plain_ms_all"]) > 0
+        assert r["gddist_ms"] == statistics.median(r["gddist_ms_all"])
+        assert r["plain_ms"] == statistics.median(r["plain_ms_all"])
+        assert r["ratio"] == pytest.approx(r["gddist_ms"] / r["plain_ms"])
+        assert r["params"] > 0 and r["steps"] > 0
+        assert r["max_weight_diff"] <= 1e-5, "gddist and the plain loop did different work"
+        assert f"| {r['nproc']} | {r['params']:,} | {r['batch']} |" in report
+        assert f"| {r['ratio']:.3f} |" in report
+
+    # 2. Memory: one row per size, positive peaks, ratio of the peaks.
+    assert [m["size"] for m in result["memory"]] == ["small", "large"]
+    for m in result["memory"]:
+        assert m["gddist_peak_mib"] > 0 and m["plain_peak_mib"] > 0
+        assert m["gddist_growth_mib"] >= 0 and m["plain_growth_mib"] >= 0
+        assert m["ratio"] == pytest.approx(m["gddist_peak_mib"] / m["plain_peak_mib"])
+        assert f"| {m['size']} | {m['gddist_peak_mib']:.1f} |" in report
+
+    # 3. Startup: positive times; step 1 comes before the exit; overhead = step 1 - import torch.
+    s = result["startup"]
+    assert s["import_torch_s"] > 0 and 0 < s["first_step_s"] <= s["exit_s"]
+    assert s["overhead_s"] == pytest.approx(s["first_step_s"] - s["import_torch_s"])
+    assert f"{s['overhead_s']:.2f} |" in report
+
+    # 4. Checkpoint stall: a synchronous save blocks for a positive time; the asynchronous one is
+    # measured when this gddist has it, and its ratio is stall over stall.
+    c = result["checkpoint"]
+    assert c["params"] > 0 and c["sync"]["blocked_ms"] > 0
+    if "pending" not in c["async"]:
+        assert c["async"]["blocked_ms"] > 0
+        assert c["async_over_sync"] == pytest.approx(c["async"]["stall_ms"] / c["sync"]["stall_ms"])
+    assert "| synchronous |" in report and "| asynchronous |" in report
+
+
+def test_importtime_breakdown_splits_at_step_one_and_leaves_torch_out():
+    text = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:       100 |     900000 | torch",
+            "import time:       200 |        300 |   hydra._internal",
+            "import time:       400 |     500000 | hydra",
+            "import time:        50 |      20000 | gddist.trainer",
+            "[..][gddist][INFO] - step 1/1 (100%) | epoch 0 | train/loss 0.83 | lr 0.1",
+            "import time:       300 |    1200000 | torchmetrics",
+            "import time:        10 |      30000 | gddist.trainer",
+        ]
+    )
+    found = parse_importtime(text, known={"torch"})
+    assert found == {
+        "before_first_step": [
+            {"module": "hydra", "ms": 500.0},
+            {"module": "gddist.trainer", "ms": 20.0},
+        ],
+        "after_first_step": [
+            {"module": "torchmetrics", "ms": 1200.0},
+            {"module": "gddist.trainer", "ms": 30.0},
+        ],
+    }

@@ -58,8 +58,8 @@ class DataConfig:
             )
         if self.name == "function" and (self.num_samples is None or self.num_samples < 1):
             raise UserError(
-                f"data.num_samples={self.num_samples} must be at least 1 for data=function "
-                "(one dummy row per global batch slot)"
+                f"data.num_samples={self.num_samples} must be at least 1 for model=function "
+                "(its dummy data rows)"
             )
         if self.name == "csv":
             if not self.path:
@@ -344,11 +344,12 @@ class Config:
         self._check_function_pairing()
 
     def _check_function_pairing(self) -> None:
-        """data=function and model=function only make sense together (see gddist/data.py)."""
+        """The dummy data of a function (data.name=function, which model=function sets) makes
+        sense only with model=function, and model=function only with it (see gddist/data.py)."""
         if (self.data.name == "function") != (self.model.name == "function"):
             raise UserError(
-                f"data={self.data.name} with model={self.model.name}: minimizing a function needs "
-                "both data=function and model=function (or experiment=objective)"
+                f"data.name={self.data.name} with model={self.model.name}: a function is minimized "
+                "with model=function alone (it sets data.name=function itself); drop the other one"
             )
 
     def check_world(self, world_size: int) -> None:

@@ -171,12 +171,13 @@ def make_regression(num_samples: int, seed: int) -> tuple[dict[str, list], list[
 
 
 def function_data(cfg: DataConfig) -> TensorData:
-    """Dummy rows for data=function: the "model" is the point being optimized and its output is
-    the function value there (task "objective": the loss is the model output). Every row is the
-    same zero feature, so any batch size and any world size compute the same gradient; the
-    validation set is the same rows, so val/loss is the function value at the current point."""
+    """Dummy rows for model=function (which sets data.name=function): the "model" is the point
+    being optimized and its output is the function value there (task "objective": the loss is
+    the model output). Every row is the same zero feature, so any batch size and any world size
+    compute the same gradient; the validation set is the same rows, so val/loss is the function
+    value at the current point."""
     if cfg.task != "auto":
-        raise UserError(f"data=function is an objective; data.task={cfg.task} does not apply")
+        raise UserError(f"model=function is an objective; data.task={cfg.task} does not apply")
     rows = torch.zeros(cfg.num_samples, 1)
     prep = Preprocessing(task="objective", target="f")
     return TensorData(

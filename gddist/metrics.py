@@ -17,7 +17,7 @@ from gddist.data import Preprocessing
 
 def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """binary cross-entropy on logits (binary), cross-entropy (multiclass), MSE (regression);
-    for an objective (data=function) the model output IS the loss."""
+    for an objective (model=function) the model output IS the loss."""
     if task == "objective":
         return output.mean()
     if task == "binary":

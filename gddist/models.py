@@ -62,7 +62,7 @@ def styblinski_tang(p: torch.Tensor) -> torch.Tensor:
 
 
 FUNCTIONS = {
-    "rosenbrock": Objective(rosenbrock, (-2.0, 2.0, -1.0, 3.0), 0.0, (1.0, 1.0)),
+    "rosenbrock": Objective(rosenbrock, (-1.5, 1.5, -0.5, 1.5), 0.0, (1.0, 1.0)),
     "styblinski_tang": Objective(
         styblinski_tang, (-5.0, 5.0, -5.0, 5.0), -78.33233, (-2.903534, -2.903534)
     ),

@@ -175,7 +175,8 @@ def table(jobs: list[Job], spec: ReportSpec) -> tuple[list[str], list[list[str]]
         f"Target: {spec.metric} ≤ optimum + {spec.tolerance:g} = {_fmt(target)}; optimum: {how}."
     )
     if best is not None:
-        label = ", ".join(f"{k}={best.overrides.get(k, '')}" for k in swept) or best.dir.name
+        label = ", ".join(f"{spec.labels.get(k, k)}={best.overrides.get(k, '')}" for k in swept)
+        label = label or best.dir.name
         notes.append(f"Best: {label} (final {spec.metric} {_fmt(_final(best, spec.metric))}).")
     return header, body, notes
 
@@ -185,7 +186,7 @@ def markdown(header: list[str], body: list[list[str]], notes: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # | ends a cell
 
     lines = [line(header), "|" + "---|" * len(header)] + [line(row) for row in body]
-    return "\n".join(notes) + "\n\n" + "\n".join(lines) + "\n"
+    return "\n\n".join(notes) + "\n\n" + "\n".join(lines) + "\n"
 
 
 def write_report(multirun_dir: Path, spec: ReportSpec | None = None) -> str:

@@ -104,7 +104,13 @@ class Trainer:
         if resume is not None:
             run_id = self.load_checkpoint(resume)
         self.tracker = tracking.build(
-            self.run_dir, dist.is_main, cfg.logger, cfg.to_dict(), run_id=run_id
+            self.run_dir,
+            dist.is_main,
+            cfg.logger,
+            cfg.to_dict(),
+            run_id=run_id,
+            total_steps=self.max_steps,
+            start_step=self.step,
         )
         self._interval_start = time.perf_counter()
 
@@ -287,7 +293,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "fingerprint": fingerprint(self.cfg),
             "world_size": self.dist.world_size,
-            "tracker_run_id": getattr(self, "tracker", None) and self.tracker.run_id,
+            "tracker_run_id": self.tracker.run_id,
         }
 
     def load_checkpoint(self, path: Path) -> str | None:

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the launch scripts (sourced, not run): how many processes to start on this node.
 #
 # nproc_per_node prints NPROC_PER_NODE when set; else the GPUs this node may use (SLURM's

@@ -4,6 +4,7 @@
 # rendezvous on the job's first node. Not meant to be run by hand.
 #   usage: slurm_node.sh HEAD_HOST:PORT TRAIN_SCRIPT [overrides...]
 set -euo pipefail
+# shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 endpoint=$1
 shift
@@ -16,13 +17,15 @@ is_host=0
 # step's whole process tree, so the training workers get it directly and checkpoint. torchrun's
 # agent has no USR1 handler, and USR1's default action would kill it, ending the step while
 # its workers still write the checkpoint (SLURM then kills them). So the agent starts with USR1
-# ignored; the workers inherit that until gddist installs its handler, so an early USR1 is not
-# fatal either.
+# ignored; the workers inherit that until gddist installs its handler for training.
 trap '' USR1
-# After an elastic restart (MAX_RESTARTS > 0), workers that share the agent's rendezvous store can
-# read the previous attempt's addresses and fail to connect (pytorch/pytorch#135712): give each
-# attempt a store of its own.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+restarts=${MAX_RESTARTS:-0}
+if (( restarts > 0 )); then
+  # After an elastic restart, workers that share the agent's rendezvous store can read the previous
+  # attempt's addresses and fail to connect (pytorch/pytorch#135712): a store per attempt. Its
+  # host is then the first node's `hostname --fqdn`, which must resolve on the other nodes.
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 exec "${PYTHON:-python}" -m torch.distributed.run \
   --nnodes="${SLURM_JOB_NUM_NODES:-1}" \
   --nproc-per-node="$nproc" \
@@ -30,5 +33,5 @@ exec "${PYTHON:-python}" -m torch.distributed.run \
   --rdzv-endpoint="$endpoint" \
   --rdzv-id="${SLURM_JOB_ID:?run this under srun}" \
   --rdzv-conf="is_host=$is_host" \
-  --max-restarts="${MAX_RESTARTS:-0}" \
+  --max-restarts="$restarts" \
   "$@"

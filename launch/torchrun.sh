@@ -8,12 +8,13 @@
 # checkpoint.resume=auto makes a restarted run continue from the newest checkpoint of its run dir,
 # which stays the same across restarts (outputs/torchrun-<rendezvous id of this launch>).
 set -euo pipefail
+# shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PYTHON=${PYTHON:-python}
 nproc=$(nproc_per_node)
-# After a restart, workers that share the agent's rendezvous store can read the previous
-# attempt's addresses and fail to connect (pytorch/pytorch#135712, seen here with gloo): give
-# each attempt a store of its own.
+# After a restart, workers that share the agent's rendezvous store can read the previous attempt's
+# addresses and fail to connect (pytorch/pytorch#135712, seen here with gloo): a store per attempt,
+# hosted on this machine's loopback (its hostname need not resolve).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$nproc" \
-  --max-restarts="${MAX_RESTARTS:-3}" "$@"
+exec "$PYTHON" -m torch.distributed.run --standalone --local-addr=127.0.0.1 \
+  --nproc-per-node="$nproc" --max-restarts="${MAX_RESTARTS:-3}" "$@"

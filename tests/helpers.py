@@ -35,6 +35,8 @@ def compose(*overrides: str) -> dict[str, Any]:
 def train(run_dir: Path, *overrides: str, init_method: str | None = None) -> dict[str, Any]:
     """Train in this process (or a spawned worker) and return the summary."""
     cfg = compose(*overrides)
+    if not any(o.startswith("logger.plots=") for o in overrides):
+        cfg["logger"]["plots"] = False  # matplotlib costs ~0.5 s a run; plot tests turn it on
     if init_method:
         cfg["dist"]["init_method"] = init_method
     return gddist.run(cfg, run_dir)

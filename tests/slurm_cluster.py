@@ -295,7 +295,7 @@ class SlurmCluster:
 
     def _controller_up(self) -> bool:
         proc = subprocess.run(
-            [which("scontrol"), "ping"], env=self.env(), capture_output=True, text=True
+            [which("scontrol"), "ping"], env=self.env(), capture_output=True, text=True, timeout=30
         )
         return proc.returncode == 0 and "UP" in proc.stdout
 
@@ -305,6 +305,7 @@ class SlurmCluster:
             env=self.env(),
             capture_output=True,
             text=True,
+            timeout=30,
         )
         return proc.stdout.strip() == "idle"
 
@@ -314,6 +315,7 @@ class SlurmCluster:
             env=self.env(),
             capture_output=True,
             text=True,
+            timeout=30,
         )
         return proc.stdout.split()
 

@@ -23,7 +23,8 @@ def assert_png(path, min_size=(300, 200)):
 
 
 def test_a_run_ends_with_its_plots_and_the_cli_redraws_them(tmp_path, capsys):
-    train(tmp_path, "trainer.max_steps=20", "trainer.log_every=5", "trainer.eval_every=10")
+    train(tmp_path, "trainer.max_steps=20", "trainer.log_every=5", "trainer.eval_every=10",
+          "logger.plots=true")  # fmt: skip
     names = {"loss.png", "val_metrics.png", "lr.png"}
     assert {p.name for p in (tmp_path / "plots").iterdir()} == names
     for name in names:
@@ -47,8 +48,8 @@ def test_plot_cli_rejects_a_dir_without_metrics(tmp_path, capsys):
 def test_a_function_run_plots_its_path_on_the_contours(tmp_path):
     train(
         tmp_path,
-        "data=function",
         "model=function",
+        "logger.plots=true",
         "optimizer=adam",
         "optimizer.lr=0.05",
         "trainer.max_steps=50",

@@ -1,7 +1,9 @@
-"""Tier 4 on a real SLURM: the launch scripts, end to end, on a single-node cluster this module
+"""Tier 4 on a real SLURM: the launch scripts end to end, on a single-node cluster this module
 starts (tests/slurm_cluster.py). Each job runs 2 gloo processes and must end with the weights of a
-plain single-process run (within 1e-5); a preempted job (SIGUSR1) must checkpoint, requeue itself,
-resume and end with those weights too.
+plain single-process run (within 1e-5): launch/slurm.sbatch (torchrun per node, c10d rendezvous),
+launch/slurm_srun.sbatch (one task per process); a job sent SIGUSR1 must checkpoint, requeue
+itself, resume and end with those weights too; a multirun sweep with hydra/launcher=slurm must go
+out as SLURM jobs.
 
 Skipped (with the reason) where SLURM is not installed or we are not root; under CI=true that is a
 failure instead, since CI installs the packages (.ci/run).
@@ -91,6 +93,14 @@ SLOW = [
 SLOW += ["trainer.log_every=1", "trainer.eval_every=0", "trainer.stop_check_every=2"]
 
 
+@pytest.fixture(scope="module")
+def slow_reference(tmp_path_factory):
+    """Final weights of an uninterrupted single-process run of SLOW (without the slow-down)."""
+    run_dir = tmp_path_factory.mktemp("slow_reference")
+    train(run_dir, *SLOW, "+model.delay_s=0")
+    return load_model(run_dir)
+
+
 @pytest.mark.parametrize(
     "script, sbatch_args, scancel_args",
     [
@@ -103,12 +113,11 @@ SLOW += ["trainer.log_every=1", "trainer.eval_every=0", "trainer.stop_check_ever
     ids=["torchrun-step-signal", "srun-batch-signal"],
 )
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(
-    slurm, tmp_path, script, sbatch_args, scancel_args
+    slurm, slow_reference, tmp_path, script, sbatch_args, scancel_args
 ):
     """SIGUSR1 (SLURM's preemption warning) reaches the training processes: every rank stops at
     one step and checkpoints, rank 0 requeues the job, the requeued job resumes in the same run
     dir and ends with the weights of an uninterrupted single-process run."""
-    train(tmp_path / "reference", *SLOW, "+model.delay_s=0")
     job = submit(
         slurm,
         tmp_path,
@@ -140,7 +149,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{max(stopped_at):09d}'}" in resumed_run
     assert last_step(run_dir) == PREEMPT_STEPS
     assert world_size_of_last_checkpoint(run_dir) == 2
-    assert max_weight_diff(load_model(run_dir), load_model(tmp_path / "reference")) < 1e-5
+    assert max_weight_diff(load_model(run_dir), slow_reference) < 1e-5
 
 
 def test_multirun_sweep_goes_out_as_slurm_jobs(slurm, reference, tmp_path):

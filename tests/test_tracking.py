@@ -202,6 +202,17 @@ def offline_run(run_dir: Path, index: int = 0) -> tuple[str, dict]:
     return run_id, out
 
 
+def wandb_env(tmp_path: Path) -> dict[str, str]:
+    """Offline, with a key set, and wandb's own cache and config (its service logs) in tmp_path:
+    the key scan below then covers every file wandb writes, and nothing lands in $HOME."""
+    return clean_env(
+        WANDB_MODE="offline",
+        WANDB_API_KEY=API_KEY,
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+    )
+
+
 def files_containing(root: Path, text: str) -> list[Path]:
     needle = text.encode()
     return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
@@ -211,7 +222,7 @@ def torchrun_with_rank_logs(tmp_path: Path, *args: str) -> subprocess.CompletedP
     """2-process torchrun whose workers' stdout/stderr land in tmp_path/logs/*/attempt_0/RANK/."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--log-dir={tmp_path / 'logs'}", "--redirects=3", str(ROOT / "train.py"), *args]  # fmt: skip
-    env = clean_env(WANDB_MODE="offline", WANDB_API_KEY=API_KEY)
+    env = wandb_env(tmp_path)
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -248,6 +259,7 @@ def test_wandb_offline_two_processes_log_once_into_the_run_dir(tmp_path):
     assert (rank1 / "stdout.log").read_text() == "" and (rank1 / "stderr.log").read_text() == ""
     assert "step 10/20 (50%) | epoch 0 | train/loss" in (rank0 / "stdout.log").read_text()
 
+    assert list(tmp_path.glob("wandb-cache/**/core-debug-*.log"))  # the scan saw wandb's logs
     assert files_containing(tmp_path, API_KEY) == []
 
 
@@ -257,7 +269,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
     run_dir = tmp_path / "run"
     common = ["logger=wandb", "trainer.log_every=5", "trainer.eval_every=0",
               "checkpoint.every_steps=5", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    env = clean_env(WANDB_MODE="offline", WANDB_API_KEY=API_KEY)
+    env = wandb_env(tmp_path)
 
     def train_py(*args):
         cmd = [sys.executable, str(ROOT / "train.py"), *common, *args]
@@ -272,4 +284,5 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
     second_id, second = offline_run(run_dir, 1)
     assert second_id == first_id
     assert sorted(first["history"]) == [5, 10] and sorted(second["history"]) == [15, 20]
+    assert list(tmp_path.glob("wandb-cache/**/core-debug-*.log"))  # the scan saw wandb's logs
     assert files_containing(tmp_path, API_KEY) == []

@@ -9,7 +9,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,30 +63,47 @@ def _time_train(train_py: Path, run_dir: Path, env: dict[str, str]) -> tuple[flo
     return (total if math.isnan(first) else first), total
 
 
+# The hand-written counterpart of `train.py trainer.max_steps=1`: one step of the default problem's
+# shape (3 features, batch 64, logistic regression, SGD with momentum), then exit.
+PLAIN_SCRIPT = """
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+model = nn.Linear(3, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+x, y = torch.randn(64, 3), torch.rand(64).round()
+opt.zero_grad(set_to_none=True)
+F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y).backward()
+opt.step()
+"""
+
+
+def _time_command(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def startup(reps: int, tmp: Path, importtime: bool) -> dict[str, Any]:
-    """Part 3, interleaved (import torch, train.py, import torch, ...)."""
+    """Part 3: `import torch`, a plain one-step script and `train.py trainer.max_steps=1`, one of
+    each per repetition (interleaved, so load drift hits all three alike)."""
     train_py = _train_py()
     if train_py is None:
         return {"skipped": "train.py not found (run from a source checkout)"}
     env = clean_env()
-    torch_s, first_s, total_s = [], [], []
+    runs: dict[str, list[float]] = {"import_torch": [], "plain_step": [], "first_step": []}
+    runs["exit"] = []
     for rep in range(reps):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import torch"], env=env, check=True)
-        torch_s.append(time.perf_counter() - t0)
+        runs["import_torch"].append(_time_command([sys.executable, "-c", "import torch"], env))
+        runs["plain_step"].append(_time_command([sys.executable, "-c", PLAIN_SCRIPT], env))
         first, total = _time_train(train_py, tmp / f"startup-{rep}", env)
-        first_s.append(first)
-        total_s.append(total)
-    result: dict[str, Any] = {
-        "reps": reps,
-        "import_torch_s": median(torch_s),
-        "first_step_s": median(first_s),
-        "exit_s": median(total_s),
-        "target_s": STARTUP_TARGET_S,
-        "import_torch_s_all": torch_s,
-        "first_step_s_all": first_s,
-        "exit_s_all": total_s,
-    }
+        runs["first_step"].append(first)
+        runs["exit"].append(total)
+    result: dict[str, Any] = {"reps": reps, "target_s": STARTUP_TARGET_S}
+    for name, values in runs.items():
+        result[f"{name}_s"] = median(values)
+        result[f"{name}_s_all"] = values
     result["overhead_s"] = result["first_step_s"] - result["import_torch_s"]
     if importtime and result["overhead_s"] > STARTUP_TARGET_S:
         result["heavy_imports"] = heavy_imports(train_py, tmp / "importtime", env)
@@ -95,12 +111,9 @@ def startup(reps: int, tmp: Path, importtime: bool) -> dict[str, Any]:
 
 
 def heavy_imports(train_py: Path, run_dir: Path, env: dict[str, str], top: int = 10) -> dict:
-    """What one `train.py trainer.max_steps=1` imports beyond `import torch`, by cumulative
-    milliseconds (`python -X importtime`), split at the end of step 1 (its log line).
-
-    Listed: top-level imports (made by train.py, or lazily inside a function at run time) of
-    modules that `import torch` does not load; each one's time includes what it pulls in.
-    """
+    """Where one `train.py trainer.max_steps=1` spends import time beyond `import torch`
+    (`python -X importtime`), before and after the end of step 1 (its log line): see
+    `parse_importtime`."""
     baseline = subprocess.run(
         [sys.executable, "-c", "import sys, torch; print(chr(10).join(sys.modules))"],
         env=env,
@@ -122,18 +135,28 @@ def heavy_imports(train_py: Path, run_dir: Path, env: dict[str, str], top: int =
 
 def parse_importtime(text: str, known: set[str], top: int = 10) -> dict[str, list[dict]]:
     """`-X importtime` output interleaved with the run's log -> the `top` heaviest top-level
-    imports not in `known`, before and after the log line of step 1 (see `heavy_imports`)."""
+    imports (made by the script itself, or lazily by a function at run time), each charged the
+    self time of every module in its subtree that is not in `known` (what `import torch` loads:
+    the baseline), in milliseconds, before and after the log line of step 1.
+
+    importtime prints a module after the modules it imported (deeper indented), so the lines
+    since the previous top-level one are the subtree of the next top-level one.
+    """
     phases: dict[str, dict[str, float]] = {"before_first_step": {}, "after_first_step": {}}
     phase = phases["before_first_step"]
+    subtree_us = 0
     for line in text.splitlines():
         if "step 1/1" in line and "train/loss" in line:
             phase = phases["after_first_step"]
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        _, cumulative, name = line[len("import time:") :].split("|")
-        if name.startswith("  ") or name.strip() in known:
-            continue  # nested (counted in its parent) or loaded by `import torch` already
-        phase[name.strip()] = phase.get(name.strip(), 0.0) + int(cumulative) / 1e3
+        self_us, _, name = line[len("import time:") :].split("|")
+        if name.strip() not in known:
+            subtree_us += int(self_us)
+        if not name[1:].startswith(" "):  # a top-level import ends its subtree
+            if subtree_us:
+                phase[name.strip()] = phase.get(name.strip(), 0.0) + subtree_us / 1e3
+            subtree_us = 0
     ranked = {k: sorted(found.items(), key=lambda kv: -kv[1])[:top] for k, found in phases.items()}
     return {k: [{"module": m, "ms": ms} for m, ms in found] for k, found in ranked.items()}
 
@@ -143,20 +166,29 @@ def parse_importtime(text: str, known: set[str], top: int = 10) -> dict[str, lis
 
 def checkpoint_stall(params: int, reps: int, tmp: Path) -> dict[str, Any]:
     """Part 4: the extra loop time caused by one save early in a training loop that runs on for
-    about 1.5x a synchronous save's duration (so a background write ends inside the loop)."""
+    about 1.5x a synchronous save's duration (so a background write ends inside the loop).
+
+    Modes run interleaved (none, sync, async, then reversed); a mode's stall is the median over
+    repetitions of its loop time minus the save-free loop's time in the same repetition.
+    """
     from torch import nn
 
     from gddist import dist as dist_mod
     from gddist.checkpoint import Checkpointer
     from gddist.config import CheckpointConfig, DistConfig
 
+    dist = dist_mod.init(DistConfig(), dist_mod.LaunchEnv("none"))
+    device = dist.device
     width = max(8, round(math.sqrt(params / 3)))
     torch.manual_seed(0)
-    model = nn.Sequential(*(nn.Linear(width, width) for _ in range(3)))
+    model = nn.Sequential(*(nn.Linear(width, width) for _ in range(3))).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(4, width)
-    dist = dist_mod.init(DistConfig(), dist_mod.LaunchEnv("none"))
+    x = torch.randn(4, width, device=device)
     n_params = sum(p.numel() for p in model.parameters())
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -164,70 +196,54 @@ def checkpoint_stall(params: int, reps: int, tmp: Path) -> dict[str, Any]:
         opt.step()
 
     def save(ckpt: Any, step: int) -> float:
+        sync()
         t0 = time.perf_counter()
         state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
         ckpt.save(step, state, {"rng": torch.get_rng_state()})
         return time.perf_counter() - t0
 
-    # Untimed: the momentum buffers come to exist (full-size state), the page cache warms, and
-    # one step and one synchronous save are timed to size the loop.
+    # Untimed: the momentum buffers come to exist (full-size state), the page cache warms up,
+    # and a step and a synchronous save are timed to size the loop.
+    train_step()
+    sync()
     t0 = time.perf_counter()
     train_step()
+    sync()
     step_s = time.perf_counter() - t0
     save_s = save(Checkpointer(CheckpointConfig(keep_last=1), tmp / "ckpt-warmup", dist), 0)
     shutil.rmtree(tmp / "ckpt-warmup")
-    at = 2
+    at = 2  # the save follows step 3
     steps = at + 2 + min(200, math.ceil(1.5 * save_s / step_s))
-    modes = ["none", "sync"] + (["async"] if _async_field() else [])
+    modes = ("none", "sync", "async")
     blocked: dict[str, list[float]] = {m: [] for m in modes}
     loop: dict[str, list[float]] = {m: [] for m in modes}
     for rep in range(reps):
         for mode in modes if rep % 2 == 0 else modes[::-1]:
-            cfg = CheckpointConfig(keep_last=1)
-            if mode == "async":
-                cfg = replace(cfg, **{_async_field(): True})
+            cfg = CheckpointConfig(keep_last=1, async_save=mode == "async")
             ckpt = Checkpointer(cfg, tmp / f"ckpt-{mode}-{rep}", dist)
             t0 = time.perf_counter()
             for i in range(steps):
                 train_step()
                 if i == at and mode != "none":
                     blocked[mode].append(save(ckpt, i))
+            sync()
             loop[mode].append(time.perf_counter() - t0)
-            _close(ckpt)  # a background write still running ends here, outside the timed loop
+            ckpt.wait()  # a background write still running ends here, outside the timed loop
             shutil.rmtree(tmp / f"ckpt-{mode}-{rep}", ignore_errors=True)
-    base = median(loop["none"])
     result: dict[str, Any] = {
         "params": n_params,
         "state_mib": 2 * n_params * 4 / 2**20,  # weights + momentum, float32
         "steps": steps,
         "reps": reps,
-        "step_ms": base / steps * 1e3,
+        "step_ms": median(loop["none"]) / steps * 1e3,
+        "loop_ms_all": {m: [t * 1e3 for t in loop[m]] for m in modes},
     }
-    for mode in modes[1:]:
+    for mode in ("sync", "async"):
+        extra = [t - base for t, base in zip(loop[mode], loop["none"], strict=True)]
         result[mode] = {
             "blocked_ms": median(blocked[mode]) * 1e3,
-            "stall_ms": (median(loop[mode]) - base) * 1e3,
+            "stall_ms": median(extra) * 1e3,
             "blocked_ms_all": [t * 1e3 for t in blocked[mode]],
-            "loop_ms_all": [t * 1e3 for t in loop[mode]],
         }
-    result["none"] = {"loop_ms_all": [t * 1e3 for t in loop["none"]]}
-    if "async" in result:
-        result["async_over_sync"] = result["async"]["stall_ms"] / result["sync"]["stall_ms"]
-    else:
-        result["async"] = {"pending": "this gddist has no checkpoint.async yet"}
+    result["async_over_sync"] = result["async"]["stall_ms"] / result["sync"]["stall_ms"]
     return result
-
-
-def _async_field() -> str | None:
-    """The CheckpointConfig field that turns on asynchronous saves (None: this gddist has none)."""
-    from gddist.config import CheckpointConfig
-
-    return next((n for n in ("async_save", "async_") if hasattr(CheckpointConfig(), n)), None)
-
-
-def _close(ckpt: Any) -> None:
-    """Wait for a background checkpoint write, if the Checkpointer has one."""
-    for name in ("wait", "close"):
-        if hasattr(ckpt, name):
-            getattr(ckpt, name)()
-            return

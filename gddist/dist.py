@@ -18,7 +18,7 @@ import datetime
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,13 +153,17 @@ class Dist:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.all_reduce_sum(t).item() > 0)
 
-    def max(self, value: int) -> int:
-        """The largest `value` over ranks (e.g. a signal number), the same on every rank."""
-        if not self.distributed:
-            return value
+    def max_async(self, value: int) -> Callable[[], int]:
+        """Start an all-reduce MAX of `value`; the returned function waits and gives the result
+        (the same on every rank). Lets a rank keep training while the vote is in flight."""
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return int(t.item())
+        work = tdist.all_reduce(t, op=tdist.ReduceOp.MAX, async_op=True)
+
+        def result() -> int:
+            work.wait()
+            return int(t.item())
+
+        return result
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (pickled between our own processes only)."""

@@ -8,7 +8,7 @@ An engine is the small seam between the training loop and the distributed machin
     engine.sync_context(sync)     all-reduce gradients on this backward only when `sync`
     engine.autocast()             mixed-precision context for forward + loss
     engine.backward(loss)         (scaled) backward
-    engine.clip_gradients(o, n, v) -> global grad norm (a device tensor, no host sync)
+    engine.clip_gradients(o, n, v, measure) -> global grad norm (device tensor; None if unneeded)
     engine.step(o)                optimizer step (through the fp16 GradScaler when there is one)
     engine.state_dict() / load_state_dict()   the GradScaler's state, for checkpoints
 
@@ -58,14 +58,18 @@ def _compiler(cfg: Config) -> Compiler | None:
 
 
 def _grad_norm(
-    module: nn.Module, clip_norm: float | None, clip_value: float | None
-) -> torch.Tensor:
+    params: list[nn.Parameter], clip_norm: float | None, clip_value: float | None, measure: bool
+) -> torch.Tensor | None:
     """Clip (value, then norm) gradients that are already all-reduced and unscaled; return the
-    global norm before norm clipping. Every rank holds the same gradients, so every rank computes
-    the same norm: a non-finite norm is a decision all ranks share without another collective."""
-    params = [p for p in module.parameters() if p.grad is not None]
+    global norm before norm clipping, or None when neither norm clipping nor `measure` needs it
+    (the norm is a pass over every gradient: the hot path skips it on steps that do not log).
+    Every rank holds the same gradients, so every rank computes the same norm: a non-finite norm
+    is a decision all ranks share without another collective."""
+    params = [p for p in params if p.grad is not None]
     if clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, clip_value)
+    if clip_norm is None and not measure:
+        return None
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if clip_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm)
@@ -79,6 +83,7 @@ class DDPEngine:
         self, model: nn.Module, dist: Dist, precision: str, compiler: Compiler | None
     ) -> None:
         self.module = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
         wrapped = model
         if dist.distributed:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -114,11 +119,15 @@ class DDPEngine:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def clip_gradients(
-        self, optimizer: torch.optim.Optimizer, clip_norm: float | None, clip_value: float | None
-    ) -> torch.Tensor:
+        self,
+        optimizer: torch.optim.Optimizer,
+        clip_norm: float | None,
+        clip_value: float | None,
+        measure: bool,
+    ) -> torch.Tensor | None:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clip and measure true gradients
-        return _grad_norm(self.module, clip_norm, clip_value)
+        return _grad_norm(self.params, clip_norm, clip_value, measure)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
@@ -149,6 +158,7 @@ class AccelerateEngine:
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
         self.accelerator = Accelerator(cpu=dist.device.type == "cpu", mixed_precision=mixed)
         self.module = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.model = self.accelerator.prepare_model(model, device_placement=False)
         if compiler:
             self.model = compiler(self.model)
@@ -170,13 +180,17 @@ class AccelerateEngine:
         self.accelerator.backward(loss)
 
     def clip_gradients(
-        self, optimizer: torch.optim.Optimizer, clip_norm: float | None, clip_value: float | None
-    ) -> torch.Tensor:
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        self,
+        optimizer: torch.optim.Optimizer,
+        clip_norm: float | None,
+        clip_value: float | None,
+        measure: bool,
+    ) -> torch.Tensor | None:
         if clip_norm is not None and clip_value is None:
+            params = [p for p in self.params if p.grad is not None]
             return self.accelerator.clip_grad_norm_(params, clip_norm)
         self.accelerator.unscale_gradients()  # a no-op without an fp16 scaler
-        return _grad_norm(self.module, clip_norm, clip_value)
+        return _grad_norm(self.params, clip_norm, clip_value, measure)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()  # an AcceleratedOptimizer: steps through the scaler when there is one

@@ -16,6 +16,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,10 @@ class Trainer:
         self.evals_without_improvement = 0
         self.stop_reason: str | None = None  # "early_stopping" or a signal name
         self.stop_signal: int | None = None
+        self._stop_vote: Callable[[], int] | None = None  # the stop-signal all-reduce in flight
         self.saved_step = -1  # step of the newest checkpoint this process wrote or loaded
         # Per-step (step, loss, grad norm, lr) since the last log, drained by _drain(): bounded.
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
 
         run_id = None
         resume = self.checkpointer.find_resume()
@@ -152,9 +154,15 @@ class Trainer:
         that any rank received (agreed by an all-reduce every trainer.stop_check_every steps)."""
         if self.stop_reason is not None:
             return True
-        if self.dist.distributed and self.step % self.cfg.trainer.stop_check_every:
+        if not self.dist.distributed:
+            signum = self.signals.received or 0
+        elif self.step % self.cfg.trainer.stop_check_every:
             return False
-        signum = self.dist.max(self.signals.received or 0)
+        else:
+            # Act on the vote posted at the previous check (its all-reduce ran in the background
+            # meanwhile), then post this one: no check step waits on the network.
+            signum = self._stop_vote() if self._stop_vote else 0
+            self._stop_vote = self.dist.max_async(self.signals.received or 0)
         if signum:
             self.stop_signal = signum
             self.stop_reason = signal.Signals(signum).name
@@ -178,8 +186,11 @@ class Trainer:
                 self.engine.backward(objective / accum)
             losses.append(loss.detach())
         step_loss = losses[0] if accum == 1 else torch.stack(losses).mean()
+        # The norm is measured on log steps (and wherever clipping or `skip` needs it).
+        logs = (self.step + 1) % tc.log_every == 0 or self.step + 1 == self.max_steps
+        measure = logs or tc.on_nonfinite == "skip"
         grad_norm = self.engine.clip_gradients(
-            self.optimizer, tc.grad_clip_norm, tc.grad_clip_value
+            self.optimizer, tc.grad_clip_norm, tc.grad_clip_value, measure
         )
         lr = self.optimizer.param_groups[0]["lr"]
         # `stop` looks at the next log step (no per-step host sync); `skip` must decide now, and
@@ -205,7 +216,7 @@ class Trainer:
             "epoch": self.batches.epoch_of(self.step - 1),
             "train/loss": self.last_train_loss,
             "lr": lrs[-1],
-            "grad_norm": norms.mean().item(),
+            "grad_norm": torch.nanmean(norms).item(),
             "samples/s": len(losses) * self.cfg.data.batch_size / max(elapsed, 1e-9),
         }
         if self.skipped_steps:
@@ -238,6 +249,8 @@ class Trainer:
 
     def finish(self, divergence: Diverged | None, wall_time: float) -> dict[str, Any]:
         self.checkpointer.wait()  # an async save still being written completes first
+        if self._stop_vote is not None:  # complete the collective in flight
+            self._stop_vote()
         summary = {
             "step": self.step,
             "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
@@ -383,13 +396,16 @@ class Trainer:
             empty = torch.empty(0)
             return empty, empty, []
         losses = torch.stack([p[1] for p in pending]).float()
-        norms = torch.stack([p[2] for p in pending]).float()
         lrs = [p[3] for p in pending]
         losses = self.dist.all_reduce_mean(losses).cpu()
-        norms = norms.cpu()
+        # Gradient norms of the steps that measured one (NaN elsewhere; see train_step).
+        measured = [i for i, p in enumerate(pending) if p[2] is not None]
+        norms = torch.full((len(pending),), float("nan"))
         bad = ~torch.isfinite(losses)
-        if not self.engine.skips_nonfinite_steps:  # fp16's GradScaler handles overflowing grads
-            bad |= ~torch.isfinite(norms)
+        if measured:
+            norms[measured] = torch.stack([pending[i][2] for i in measured]).float().cpu()
+            if not self.engine.skips_nonfinite_steps:  # fp16's GradScaler handles overflows
+                bad[measured] |= ~torch.isfinite(norms[measured])
         if bad.any():
             i = int(bad.nonzero()[0])
             raise Diverged(pending[i][0], losses[i].item(), lrs[i])

@@ -2,8 +2,9 @@
 starts (tests/slurm_cluster.py). Each job runs 2 gloo processes and must end with the weights of a
 plain single-process run (within 1e-5): launch/slurm.sbatch (torchrun per node, c10d rendezvous),
 launch/slurm_srun.sbatch (one task per process); a job sent SIGUSR1 must checkpoint, requeue
-itself, resume and end with those weights too; a multirun sweep with hydra/launcher=slurm must go
-out as SLURM jobs.
+itself, resume and end with those weights too (and the signal must reach every training process,
+whichever script and whichever way SLURM delivers it); a multirun sweep with hydra/launcher=slurm
+must go out as SLURM jobs.
 
 Skipped (with the reason) where SLURM is not installed or we are not root; under CI=true that is a
 failure instead, since CI installs the packages (.ci/run).
@@ -101,36 +102,15 @@ def slow_reference(tmp_path_factory):
     return load_model(run_dir)
 
 
-@pytest.mark.parametrize(
-    "script, sbatch_args, scancel_args",
-    [
-        # SLURM signals every process of the job step: srun -> torchrun agent -> the workers.
-        ("slurm.sbatch", [], []),
-        # Only the batch shell is signalled (as with --signal=B:USR1@90): its trap hands the
-        # signal to srun, which delivers it to the tasks (one per process, no torchrun).
-        ("slurm_srun.sbatch", ["--ntasks=2"], ["--batch"]),
-    ],
-    ids=["torchrun-step-signal", "srun-batch-signal"],
-)
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(
-    slurm, slow_reference, tmp_path, script, sbatch_args, scancel_args
-):
-    """SIGUSR1 (SLURM's preemption warning) reaches the training processes: every rank stops at
-    one step and checkpoints, rank 0 requeues the job, the requeued job resumes in the same run
-    dir and ends with the weights of an uninterrupted single-process run."""
-    job = submit(
-        slurm,
-        tmp_path,
-        script,
-        *SLOW,
-        "+model.delay_s=0.05",
-        sbatch_args=sbatch_args,
-        NPROC_PER_NODE="2",
-    )
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, slow_reference, tmp_path):
+    """SIGUSR1 (SLURM's preemption warning) through srun -> torchrun agent -> workers: every rank
+    stops at one step and checkpoints, rank 0 requeues the job, the requeued job resumes in the
+    same run dir and ends with the weights of an uninterrupted single-process run."""
+    job = submit(slurm, tmp_path, "slurm.sbatch", *SLOW, "+model.delay_s=0.05", NPROC_PER_NODE="2")
     run_dir = tmp_path / "outputs" / f"slurm-{job}"
     slurm.wait_job(job, lambda f: last_step(run_dir) >= 5, 120, "training progress")
-    # What --signal=USR1@90 does 90 s before the time limit (or a preempting scheduler).
-    slurm.run("scancel", "--signal=USR1", *scancel_args, str(job))
+    # What --signal=USR1@90 does 90 s before the time limit: every process of the job step.
+    slurm.run("scancel", "--signal=USR1", str(job))
 
     slurm.wait_job(
         job, lambda f: int(f["Restarts"]) >= 1 and f["JobState"] == "PENDING", 120, "requeue"
@@ -150,6 +130,56 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(
     assert last_step(run_dir) == PREEMPT_STEPS
     assert world_size_of_last_checkpoint(run_dir) == 2
     assert max_weight_diff(load_model(run_dir), slow_reference) < 1e-5
+
+
+# A stand-in for train.py (no torch: starts in a blink): each process records the SIGUSR1s it gets.
+SIGNAL_PROBE = """\
+import os, pathlib, signal, sys, time
+rank = os.environ.get("RANK") or os.environ["SLURM_PROCID"]
+out = pathlib.Path(os.environ["PROBE_DIR"])
+got = []
+signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+(out / f"ready-{rank}").touch()
+deadline = time.monotonic() + 60
+while not got and time.monotonic() < deadline:
+    time.sleep(0.05)
+(out / f"usr1-{rank}").write_text(str(len(got)))
+sys.exit(0 if got else 1)
+"""
+
+
+@pytest.mark.parametrize("scancel_args", [[], ["--batch"]], ids=["step-signal", "batch-signal"])
+@pytest.mark.parametrize(
+    "script, sbatch_args, env",
+    [
+        ("slurm.sbatch", [], {"NPROC_PER_NODE": "2"}),
+        ("slurm_srun.sbatch", ["--ntasks=2"], {}),
+    ],
+    ids=["torchrun", "srun"],
+)
+def test_usr1_reaches_every_training_process(
+    slurm, tmp_path, script, sbatch_args, env, scancel_args
+):
+    """Both scripts, both ways SLURM delivers the warning: to every process of the job step
+    (--signal=USR1@90, scancel --signal=USR1) or only to the batch shell (--signal=B:USR1@90,
+    scancel --batch), whose trap hands it to srun. Every training process gets it, and under
+    torchrun the agent survives it (else the job would fail, not complete)."""
+    root = tmp_path / "checkout"  # GDDIST_ROOT: the real launch/ with the probe as train.py
+    root.mkdir()
+    (root / "launch").symlink_to(ROOT / "launch")
+    (root / "train.py").write_text(SIGNAL_PROBE)
+    job = slurm.sbatch(
+        f"--chdir={tmp_path}",
+        *sbatch_args,
+        str(ROOT / "launch" / script),
+        env=job_env(slurm, GDDIST_ROOT=str(root), PROBE_DIR=str(tmp_path), **env),
+        cwd=ROOT,
+    )
+    slurm.wait_job(job, lambda f: len(list(tmp_path.glob("ready-*"))) == 2, 60, "2 processes")
+    slurm.run("scancel", "--signal=USR1", *scancel_args, str(job))
+    slurm.wait_done(job, timeout=60)
+    assert sorted(p.name for p in tmp_path.glob("usr1-*")) == ["usr1-0", "usr1-1"]
+    assert all(int(p.read_text()) >= 1 for p in tmp_path.glob("usr1-*"))
 
 
 def test_multirun_sweep_goes_out_as_slurm_jobs(slurm, reference, tmp_path):

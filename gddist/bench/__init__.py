@@ -67,8 +67,9 @@ from gddist.bench.system import checkpoint_stall, startup
 
 
 def _machine(threads: int | None) -> dict[str, Any]:
+    """What the numbers were measured on (the load average says how busy the machine was)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name()
     return {
         "device": device,
         "name": name,
@@ -80,6 +81,15 @@ def _machine(threads: int | None) -> dict[str, Any]:
     }
 
 
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
 def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
 
@@ -87,10 +97,13 @@ def _fmt(x: float, digits: int = 3) -> str:
 def report(result: dict[str, Any]) -> str:
     """The result as Markdown tables (the numbers are the JSON's, rounded)."""
     m = result["machine"]
+    load = m["load_avg_1min"]
     lines = [
-        f"gddist benchmark: {m['device']} ({m['name']}, {m['cpu_count']} cores, torch "
-        f"{m['torch']}; 1-minute load average at start {m['load_avg_1min']:.2f}). Medians over "
-        "repetitions; compare the ratios.",
+        f"gddist benchmark on {m['device']} ({m['name']}, {m['cpu_count']} cores"
+        + (f", {m['threads_1proc']} thread(s) per process" if m["device"] == "cpu" else "")
+        + f"), torch {m['torch']}"
+        + (f", load average {load:.2f} at the start" if load is not None else "")
+        + ". Medians over repetitions; compare the ratios.",
         "",
     ]
     if result.get("step_time"):
@@ -133,7 +146,7 @@ def report(result: dict[str, Any]) -> str:
             "",
         ]
         for phase, found in s.get("heavy_imports", {}).items():
-            heavy = ", ".join(f"{h['module']} {h['ms']:.0f}" for h in found)
+            heavy = ", ".join(f"{h['module']} {h['ms']:.0f}" for h in found if h["ms"] >= 1)
             what = phase.replace("_", " ")
             lines += [f"Imports beyond `import torch`, {what}, ms (`-X importtime`): {heavy}", ""]
     elif s:
@@ -207,7 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny sizes, few steps and reps: checks the tool, not the speed",
+        help="checks the tool, not the speed: tiny models, few steps, 2 reps, memory of the "
+        "small size only, 1 startup run, a 1M-parameter checkpoint",
     )
     p.add_argument("--json", type=Path, help="also write the full result (every rep) here")
     args = p.parse_args(argv)

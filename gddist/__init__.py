@@ -32,6 +32,10 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     dist = dist_mod.init(cfg.dist, env)
     try:
         summary = Trainer(cfg, data, dist, Path(run_dir)).fit()
+        if summary.get("signal") == signal.SIGUSR1:  # preempted on SLURM: come back and resume
+            if dist.is_main:
+                requeue_slurm_job()  # a no-op outside SLURM
+            dist.barrier()  # no rank exits (and gets the job torn down) before the requeue
     except Exception as e:
         if not (dist.distributed and dist_mod.is_peer_failure(e)):
             raise
@@ -44,6 +48,4 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         ) from None
     finally:
         dist.close()
-    if summary.get("signal") == signal.SIGUSR1 and dist.is_main:
-        requeue_slurm_job()  # preempted on SLURM: come back and resume; elsewhere a no-op
     return summary

@@ -23,6 +23,8 @@ import pytest
 from helpers import ROOT, clean_env, last_step, load_model, max_weight_diff, train
 from slurm_cluster import SlurmCluster, prerequisites_missing, require_or_skip
 
+from gddist.dist import slurm_port
+
 pytestmark = pytest.mark.slow
 
 MAX_STEPS = 30
@@ -74,7 +76,8 @@ def test_sbatch_torchrun_per_node_trains_like_one_process(slurm, reference, tmp_
     assert world_size_of_last_checkpoint(run_dir) == 2
     assert max_weight_diff(load_model(run_dir), reference) < 1e-5
     log = (tmp_path / f"slurm-{job}.out").read_text()
-    assert f"rendezvous localhost:{15000 + job % 20000}" in log
+    # The script's port is gddist's (srun-mode) port for the job: head node and port agree.
+    assert f"rendezvous localhost:{slurm_port(job)}" in log
 
 
 def test_sbatch_srun_task_per_process_trains_like_one_process(slurm, reference, tmp_path):

@@ -93,39 +93,44 @@ def _to_float(v: str) -> float | None:
 
 
 def infer_task(label: Column, task: str, path: str) -> tuple[str, list]:
-    """Decide the task for `label` (`task` wins unless 'auto') and return (task, classes).
+    """Decide the task for a CSV target column; see `decide_task`."""
+    return decide_task(sorted(set(label.values)), label.kind == "text", label.name, task, path)
+
+
+def decide_task(distinct: list, text: bool, name: str, task: str, source: str) -> tuple[str, list]:
+    """Decide the task for target `name` of `source` (`task` wins unless 'auto') from its sorted
+    distinct values, and return (task, classes).
 
     auto: a text target, or an integer target with at most MAX_AUTO_CLASSES distinct values, is
     classification (binary for two classes, multiclass above); any other numeric target is
     regression. `classes` is the sorted list of labels (empty for regression).
     """
-    distinct = sorted(set(label.values))
-    integral = label.kind == "numeric" and all(float(v).is_integer() for v in distinct)
+    integral = not text and all(float(v).is_integer() for v in distinct)
     if task == "auto":
-        if label.kind == "text" or (integral and len(distinct) <= MAX_AUTO_CLASSES):
+        if text or (integral and len(distinct) <= MAX_AUTO_CLASSES):
             task = "binary" if len(distinct) <= 2 else "multiclass"
         else:
             task = "regression"
     if task == "regression":
-        if label.kind != "numeric":
+        if text:
             raise UserError(
-                f"data.task=regression but target {label.name!r} in {path} is text; "
+                f"data.task=regression but target {name!r} in {source} is text; "
                 "use data.task=auto or a numeric target"
             )
         return task, []
     if len(distinct) < 2:
         raise UserError(
-            f"target {label.name!r} in {path} has only one class ({distinct[0]!r}); "
+            f"target {name!r} in {source} has only one class ({distinct[0]!r}); "
             "a classifier needs at least two"
         )
     if task == "binary" and len(distinct) != 2:
         raise UserError(
-            f"data.task=binary but target {label.name!r} in {path} has {len(distinct)} classes; "
+            f"data.task=binary but target {name!r} in {source} has {len(distinct)} classes; "
             "use data.task=multiclass"
         )
     if task == "multiclass" and len(distinct) > 1000:
         raise UserError(
-            f"target {label.name!r} in {path} has {len(distinct)} classes; "
+            f"target {name!r} in {source} has {len(distinct)} classes; "
             "is it continuous? use data.task=regression"
         )
     return task, distinct

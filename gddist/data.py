@@ -16,10 +16,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gddist.config import DataConfig, UserError
+
+if TYPE_CHECKING:
+    from gddist.npydata import NpyData
 
 # The purchase problem's true logistic model on RAW features:
 # logit = PURCHASE_BIAS + 0.05 * age + 0.04 * income_k + 0.8 * education_level
@@ -99,14 +103,28 @@ class TensorData:
     def num_features(self) -> int:
         return self.x_train.shape[1]
 
+    def num_rows(self, split: str) -> int:
+        """Rows of split "train" or "val"."""
+        return len(self.y_train if split == "train" else self.y_val)
+
+    def read(self, split: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, targets) of `rows` (indices into split "train" or "val"), batched."""
+        if split == "train":
+            return self.x_train[rows], self.y_train[rows]
+        return self.x_val[rows], self.y_val[rows]
+
     def to(self, device: torch.device) -> TensorData:
         for name in ("x_train", "y_train", "x_val", "y_val"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
 
-def build(cfg: DataConfig, seed: int) -> TensorData:
-    """Load or generate the dataset named by `cfg`; raises UserError on bad data."""
+def build(cfg: DataConfig, seed: int) -> TensorData | NpyData:
+    """Load or generate the dataset named by `cfg`; raises UserError on bad data.
+
+    In-memory data is a `TensorData`; data=npy with the dataloader is an `NpyData`, which reads
+    its rows from disk on demand. Both serve `num_rows(split)` and batched `read(split, rows)`.
+    """
     if cfg.name == "purchase":
         columns, labels = make_purchase(cfg.num_samples, seed)
         task = "binary" if cfg.task == "auto" else cfg.task
@@ -133,6 +151,11 @@ def build(cfg: DataConfig, seed: int) -> TensorData:
         return _split(columns, target, prep, cfg.val_fraction, seed)
     if cfg.name == "function":
         return function_data(cfg)
+    if cfg.name == "npy":
+        from gddist.npydata import NpyData  # memory-mapped: rows are read as batches need them
+
+        disk = NpyData.open(cfg.path, cfg.task, cfg.val_fraction, seed)
+        return disk if cfg.uses_dataloader else disk.materialize()
     from gddist.csvdata import infer_task, read_csv  # only CSV runs pay for the csv module
 
     features, label = read_csv(cfg.path, cfg.target)
@@ -195,12 +218,7 @@ def _split(
     columns: dict[str, list], labels: list, prep: Preprocessing, val_fraction: float, seed: int
 ) -> TensorData:
     """Split rows deterministically from the seed, then fit the preprocessing on the train rows."""
-    n = len(labels)
-    n_val = max(1, round(n * val_fraction))
-    if n - n_val < 1:
-        raise UserError(f"data.val_fraction={val_fraction} leaves no training rows out of {n}")
-    perm = torch.randperm(n, generator=generator(seed, _STREAM_SPLIT)).tolist()
-    val_rows, train_rows = perm[:n_val], perm[n_val:]
+    val_rows, train_rows = (part.tolist() for part in split_rows(len(labels), val_fraction, seed))
 
     def rows(values: list, idx: list[int]) -> list:
         return [values[i] for i in idx]
@@ -225,6 +243,15 @@ def _split(
         num_outputs=len(prep.classes) if prep.task == "multiclass" else 1,
         preprocessing=prep,
     )
+
+
+def split_rows(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation rows, training rows) of n rows: a permutation drawn from the seed, cut once."""
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise UserError(f"data.val_fraction={val_fraction} leaves no training rows out of {n}")
+    perm = torch.randperm(n, generator=generator(seed, _STREAM_SPLIT))
+    return perm[:n_val], perm[n_val:]
 
 
 def _encode_target(labels: list, prep: Preprocessing, train_rows: list[int]) -> torch.Tensor:

@@ -65,6 +65,8 @@ def _grad_norm(
     (the norm is a pass over every gradient: the hot path skips it on steps that do not log).
     Every rank holds the same gradients, so every rank computes the same norm: a non-finite norm
     is a decision all ranks share without another collective."""
+    if clip_norm is None and clip_value is None and not measure:
+        return None
     params = [p for p in params if p.grad is not None]
     if clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, clip_value)

@@ -8,6 +8,8 @@ keep startup fast.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,14 +32,13 @@ def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Te
 class Evaluator:
     """Computes val/* metrics; every rank must call `evaluate` (it contains collectives)."""
 
-    def __init__(self, prep: Preprocessing, device: torch.device, batch_size: int) -> None:
+    def __init__(self, prep: Preprocessing, device: torch.device) -> None:
         import torchmetrics  # lazy: about a second of imports
         from torchmetrics import classification as C
         from torchmetrics import regression as R
 
         self.prep = prep
         self.task = prep.task
-        self.batch_size = batch_size
         if self.task == "binary":
             metrics = {
                 "accuracy": C.BinaryAccuracy(),
@@ -67,14 +68,16 @@ class Evaluator:
         self.loss = torchmetrics.MeanMetric().to(device)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Metrics of `model` on this rank's shard (x, y), reduced over all ranks."""
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, float]:
+        """Metrics of `model` on this rank's shard, given as (x, y) batches, reduced over all
+        ranks (every rank must call this, with its own shard)."""
         was_training = model.training
         model.eval()
         self.metrics.reset()
         self.loss.reset()
-        for start in range(0, len(x), self.batch_size):
-            xb, yb = x[start : start + self.batch_size], y[start : start + self.batch_size]
+        for xb, yb in batches:
             out = model(xb)
             self.loss.update(task_loss(self.task, out, yb), weight=len(xb))
             if self.metrics:

@@ -77,6 +77,11 @@ def is_plateau(scheduler: object) -> bool:
     return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
+def is_constant(cfg: SchedulerConfig) -> bool:
+    """True when the LR never changes (scheduler=constant without warmup)."""
+    return cfg.name == "constant" and not cfg.warmup_steps
+
+
 class Penalty:
     """l1 * sum|w| + (l2 / 2) * sum w^2 over weight matrices; None when both are zero."""
 

@@ -24,14 +24,15 @@ import numpy as np
 import torch
 
 from gddist import engine as engine_mod
-from gddist import models, tracking
+from gddist import loader, models, tracking
 from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
 from gddist.data import GlobalBatches, TensorData
 from gddist.dist import Dist
 from gddist.io import atomic_save_json, atomic_torch_save, truncate_jsonl
 from gddist.metrics import Evaluator, task_loss
-from gddist.optim import Penalty, build_optimizer, build_scheduler, is_plateau
+from gddist.npydata import NpyData
+from gddist.optim import Penalty, build_optimizer, build_scheduler, is_constant, is_plateau
 from gddist.signals import StopSignals
 from gddist.state import check_resumable, fingerprint, rng_state, set_rng_state
 
@@ -50,17 +51,33 @@ class Diverged(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data: TensorData, dist: Dist, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, data: TensorData | NpyData, dist: Dist, run_dir: Path) -> None:
         self.cfg = cfg
         self.dist = dist
         self.run_dir = Path(run_dir)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data = data.to(dist.device)
-        self.batches = GlobalBatches(len(data.y_train), cfg.data.batch_size, cfg.seed, dist.device)
+        # In memory: the tensors move to the device once. DataLoader: rows stay where they are
+        # (CPU memory, or disk for data=npy) and each batch is moved as it is read.
+        workers = cfg.data.uses_dataloader
+        self.data = data if workers else data.to(dist.device)
+        order_device = torch.device("cpu") if workers else dist.device
+        self.batches = GlobalBatches(
+            data.num_rows("train"), cfg.data.batch_size, cfg.seed, order_device
+        )
         tc = cfg.trainer
         self.max_steps = tc.max_steps or tc.max_epochs * self.batches.steps_per_epoch
-        n_val = len(data.y_val)
+        self.feed = loader.build(
+            cfg.data,
+            self.data,
+            self.batches,
+            tc.grad_accum_steps,
+            dist.rank,
+            dist.world_size,
+            dist.device,
+            self.max_steps,
+        )
+        n_val = data.num_rows("val")
         if n_val < dist.world_size:
             raise UserError(
                 f"{n_val} validation rows cannot be shared by {dist.world_size} processes; "
@@ -68,8 +85,7 @@ class Trainer:
             )
         # Each rank evaluates a contiguous shard; no padding, so no row is counted twice.
         bounds = torch.linspace(0, n_val, dist.world_size + 1).round().long().tolist()
-        lo, hi = bounds[dist.rank], bounds[dist.rank + 1]
-        self.x_val, self.y_val = data.x_val[lo:hi], data.y_val[lo:hi]
+        self.val_shard = bounds[dist.rank], bounds[dist.rank + 1]  # [lo, hi) of the val rows
 
         # Same initial weights on every rank and at every world size; then per-rank streams
         # (dropout) so ranks do not draw identical masks.
@@ -83,6 +99,9 @@ class Trainer:
         self.scheduler = build_scheduler(
             cfg.scheduler, self.optimizer, cfg.optimizer.lr, self.max_steps
         )
+        # A constant LR needs no per-step scheduler call (~10 us of Python on the hot path); its
+        # state stays the same whether or not a run was resumed. Plateau steps at evaluations.
+        self._step_scheduler = not is_plateau(self.scheduler) and not is_constant(cfg.scheduler)
         self.penalty = Penalty(cfg.regularization, models.weight_matrices(model))
         self.evaluator: Evaluator | None = None  # built at the first evaluation (lazy import)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, dist, cfg.dist.timeout_s)
@@ -172,18 +191,17 @@ class Trainer:
 
     def train_step(self) -> None:
         tc = self.cfg.trainer
-        accum, rank, world = tc.grad_accum_steps, self.dist.rank, self.dist.world_size
+        accum = tc.grad_accum_steps
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for micro in range(accum):
-            rows = self.batches.rows(self.step, micro, accum, rank, world)
-            x, y = self.data.x_train[rows], self.data.y_train[rows]
+            x, y = self.feed.train(self.step, micro)
             # Gradients are all-reduced once per optimizer step: on the last micro-batch.
             with self.engine.sync_context(sync=micro == accum - 1):
                 with self.engine.autocast():
                     loss = task_loss(self.data.task, self.engine.model(x), y)
                     objective = loss + self.penalty() if self.penalty.active else loss
-                self.engine.backward(objective / accum)
+                self.engine.backward(objective / accum if accum > 1 else objective)
             losses.append(loss.detach())
         step_loss = losses[0] if accum == 1 else torch.stack(losses).mean()
         # The norm is measured on log steps (and wherever clipping or `skip` needs it).
@@ -201,7 +219,7 @@ class Trainer:
         else:
             self.engine.step(self.optimizer)
             self._pending.append((self.step + 1, step_loss, grad_norm, lr))
-        if not is_plateau(self.scheduler):
+        if self._step_scheduler:
             self.scheduler.step()
 
     def log_train(self) -> None:
@@ -235,10 +253,9 @@ class Trainer:
     def evaluate(self) -> None:
         self._drain()  # never evaluate (or later save) a model that has already diverged
         if self.evaluator is None:
-            self.evaluator = Evaluator(
-                self.data.preprocessing, self.dist.device, self.cfg.data.eval_batch_size
-            )
-        metrics = self.evaluator.evaluate(self.engine.module, self.x_val, self.y_val)
+            self.evaluator = Evaluator(self.data.preprocessing, self.dist.device)
+        batches = self.feed.val(*self.val_shard, self.cfg.data.eval_batch_size)
+        metrics = self.evaluator.evaluate(self.engine.module, batches)
         if is_plateau(self.scheduler):
             self.scheduler.step(metrics["val/loss"])
         self.last_eval = metrics
@@ -249,6 +266,7 @@ class Trainer:
 
     def finish(self, divergence: Diverged | None, wall_time: float) -> dict[str, Any]:
         self.checkpointer.wait()  # an async save still being written completes first
+        self.feed.close()  # DataLoader workers exit
         if self._stop_vote is not None:  # complete the collective in flight
             self._stop_vote()
         summary = {

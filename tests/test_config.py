@@ -18,7 +18,7 @@ def options(group: str) -> list[str]:
         f"{g}={o}"
         for g in GROUPS
         for o in options(g)
-        if (g, o) not in {("data", "csv"), ("model", "custom")}
+        if (g, o) not in {("data", "csv"), ("data", "npy"), ("model", "custom")}
     ],
 )
 def test_every_group_option_composes_and_validates(override):
@@ -30,6 +30,8 @@ def test_every_group_option_composes_and_validates(override):
 def test_csv_and_custom_model_compose_with_their_required_keys():
     cfg = Config.from_dict(compose("data=csv", "data.path=x.csv", "data.target=y"))
     assert (cfg.data.name, cfg.data.path, cfg.data.target) == ("csv", "x.csv", "y")
+    cfg = Config.from_dict(compose("data=npy", "data.path=d"))
+    assert (cfg.data.name, cfg.data.path, cfg.data.uses_dataloader) == ("npy", "d", True)
     cfg = Config.from_dict(compose("model=custom", "model._target_=a.B", "+model.width=3"))
     assert (cfg.model.name, cfg.model.target, cfg.model.kwargs) == ("custom", "a.B", {"width": 3})
 
@@ -57,6 +59,9 @@ def test_defaults_are_the_purchase_example():
         ),
         (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be between 0 and 1"),
         (["data=csv"], "data.path is required for data=csv"),
+        (["data=npy"], "data.path is required for data=npy"),
+        (["data.loader=disk"], "data.loader='disk' is not one of: auto, memory, dataloader"),
+        (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
         (["trainer.max_steps=null", "trainer.max_epochs=null"], "set trainer.max_steps or"),
         (
             ["scheduler=warmup_cosine", "scheduler.warmup_steps=0"],

@@ -95,7 +95,7 @@ def _evaluate_worker(rank, init_method, run_dir, overrides):
     trainer = trainer_for(run_dir, overrides, init_method)
     try:
         trainer.evaluate()
-        return {"metrics": trainer.last_eval, "shard": len(trainer.y_val)}
+        return {"metrics": trainer.last_eval, "shard": trainer.val_shard[1] - trainer.val_shard[0]}
     finally:
         trainer.dist.close()
 
@@ -110,7 +110,7 @@ def test_two_rank_metrics_equal_one_rank_on_an_odd_validation_set(tmp_path, task
     overrides = [*overrides, "model=mlp"]
     one = trainer_for(tmp_path / "one", overrides)
     one.evaluate()
-    n_val = len(one.y_val)
+    n_val = one.val_shard[1] - one.val_shard[0]
     assert n_val % 2 == 1
     two = spawn(_evaluate_worker, 2, tmp_path, tmp_path / "two", overrides)
     assert sorted(r["shard"] for r in two) == [n_val // 2, n_val // 2 + 1]  # no padded duplicates

@@ -5,11 +5,14 @@ test), and every comparison is of real weights: bit-identical (torch.equal) wher
 is unchanged, within 1e-5 across world sizes.
 """
 
+import copy
+import errno
 import json
 import logging
 import os
 import re
 import signal
+import threading
 
 import pytest
 import torch
@@ -352,3 +355,131 @@ def test_save_is_collective_and_checkpointer_lists_only_complete_dirs(tmp_path):
     ck.save(7, {"x": torch.ones(2)}, {"rng": {}})
     assert [p.name for p in ck.complete()] == ["step_000000007"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # leftovers pruned
+
+
+# ----------------------------------------------------------------------------- async staging
+
+
+def test_staging_reuses_its_buffers_while_the_tree_keeps_its_shape():
+    from gddist import io
+    from gddist.checkpoint import Staging
+    from gddist.io import BLOCK, ZERO_COPY_MIN
+
+    big = torch.randn(ZERO_COPY_MIN // 4 + 1000)  # float32, over the zero-copy threshold
+    tree = {"w": big, "t": (torch.ones(3), [torch.arange(4).reshape(2, 2).t(), "x"]), "n": 7}
+    staging = Staging()
+    first = staging.snapshot(tree)
+    assert torch.equal(first["w"], big) and first["w"].data_ptr() != big.data_ptr()
+    if io._O_DIRECT:
+        assert first["w"].data_ptr() % BLOCK == 0  # page-aligned: written to disk without a copy
+    assert first["t"][1][0].stride() == (1, 2)  # strides kept, like a plain copy
+    assert first["t"][1][1] == "x" and first["n"] == 7 and isinstance(first["t"], tuple)
+
+    big.add_(1)  # training moves on
+    second = staging.snapshot(tree)
+    assert second["w"].data_ptr() == first["w"].data_ptr()  # the same buffer, refilled
+    assert second["t"][0].data_ptr() == first["t"][0].data_ptr()
+    assert torch.equal(second["w"], big)
+
+    tree["w"] = torch.zeros(5)  # a changed shape gets a new buffer
+    assert staging.snapshot(tree)["w"].data_ptr() != first["w"].data_ptr()
+
+
+def test_async_save_writes_the_snapshot_of_its_step_and_waits_for_the_previous_write(
+    tmp_path, monkeypatch
+):
+    from gddist import checkpoint
+
+    # The background writes wait for a gate: training changes the live tensors while the
+    # write of step 1 is still pending, and a second save must wait for that write (it would
+    # otherwise refill the staging buffers the write still reads).
+    gate = threading.Event()
+    write = checkpoint.atomic_torch_save_hashed
+
+    def gated_write(obj, path):
+        assert gate.wait(60)
+        return write(obj, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save_hashed", gated_write)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def train_step():
+        opt.zero_grad()
+        model(torch.randn(8, 600)).square().mean().backward()
+        opt.step()
+
+    def state():
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+    def frozen():  # what the checkpoint of this step must hold
+        return {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(
+            opt.state_dict()
+        )
+
+    cfg = Config.from_dict(compose("checkpoint.async=true")).checkpoint
+    ck = Checkpointer(cfg, tmp_path, init(Config.from_dict(compose()).dist, LaunchEnv("none")))
+    train_step()
+    at_1 = frozen()
+    ck.save(1, state(), {"rng": torch.get_rng_state()})  # returns with the write pending
+    train_step()
+    at_2 = frozen()
+    second = threading.Thread(target=ck.save, args=(2, state(), {"rng": torch.get_rng_state()}))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the write of step 1
+    assert not ck.complete()
+    gate.set()
+    second.join(60)
+    train_step()  # while step 2 may still be written
+    ck.wait()
+    assert [p.name for p in ck.complete()] == ["step_000000001", "step_000000002"]
+    for path, (weights, opt_state) in zip(ck.complete(), (at_1, at_2), strict=True):
+        verify(path)
+        saved = torch.load(path / "state.pt", weights_only=True)
+        assert_bit_identical(weights, saved["model"])
+        assert saved["optimizer"]["param_groups"] == opt_state["param_groups"]
+        for i, s in opt_state["state"].items():
+            assert torch.equal(
+                s["momentum_buffer"], saved["optimizer"]["state"][i]["momentum_buffer"]
+            )
+    assert not torch.equal(at_2[0]["0.weight"], model.state_dict()["0.weight"])  # it did move
+
+
+@pytest.mark.parametrize("direct", ["o_direct", "refused_at_write", "no_o_direct"])
+def test_hashed_save_reports_the_file_it_wrote_and_loads(tmp_path, monkeypatch, direct):
+    import hashlib
+
+    from torch.utils.serialization import config
+
+    from gddist import io
+    from gddist.io import aligned_empty_like, atomic_torch_save_hashed
+
+    if direct != "o_direct" and not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this system: the plain case covers it")
+    if direct == "no_o_direct":
+        monkeypatch.setattr(io, "_O_DIRECT", 0)
+    if direct == "refused_at_write":  # the flag is taken but the filesystem refuses its writes
+        import fcntl
+
+        pwrite = os.pwrite
+
+        def refusing(fd, data, offset):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", refusing)
+    big = torch.randn(700, 900)
+    staged = aligned_empty_like(big).copy_(big)  # page-aligned: the zero-copy path
+    obj = {"big": staged, "odd": torch.arange(12345, dtype=torch.int16), "step": 3, "s": "x"}
+    before = config.save.compute_crc32, config.save.storage_alignment
+    info = atomic_torch_save_hashed(obj, tmp_path / "f.pt")
+    data = (tmp_path / "f.pt").read_bytes()
+    assert info == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    loaded = torch.load(tmp_path / "f.pt", weights_only=True)
+    assert torch.equal(loaded["big"], big) and torch.equal(loaded["odd"], obj["odd"])
+    assert loaded["step"] == 3 and loaded["s"] == "x"
+    assert (config.save.compute_crc32, config.save.storage_alignment) == before  # restored
+    assert [p.name for p in tmp_path.iterdir()] == ["f.pt"]  # no temporary file left

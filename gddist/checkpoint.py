@@ -25,6 +25,7 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,24 @@ class Checkpointer:
             self._write(step, tmp, state, rank_state)
             self.dist.barrier()
             return
-        # Only rank 0 writes the shared state: other ranks stage their own part alone.
-        staged = self._staging.snapshot(
-            {"state": state if self.dist.is_main else None, "rank": rank_state}
-        )
+        staged = self._staging.snapshot(self._to_stage(state, rank_state))
         state, rank_state = staged["state"], staged["rank"]
         self._thread = threading.Thread(
             target=self._write_in_background, args=(step, tmp, state, rank_state), daemon=True
         )
         self._thread.start()
+
+    def reserve(self, state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """checkpoint.async=true: allocate the staging buffers for states shaped like these in
+        the background now (e.g. after the first optimizer step, once the optimizer state
+        exists), so that the first save is a copy into ready memory. A no-op for synchronous
+        checkpoints; not a collective."""
+        if self.cfg.async_save:
+            self._staging.reserve(self._to_stage(state, rank_state))
+
+    def _to_stage(self, state: dict[str, Any], rank_state: dict[str, Any]) -> dict[str, Any]:
+        # Only rank 0 writes the shared state: other ranks stage their own part alone.
+        return {"state": state if self.dist.is_main else None, "rank": rank_state}
 
     def wait(self) -> None:
         """Block until the in-flight background save is complete; re-raise its error."""
@@ -254,6 +264,9 @@ class Staging:
     synchronize at the end. The buffers stay allocated (the size of the state) for the life of
     this object.
 
+    `reserve` allocates the buffers ahead of the first snapshot in a background thread (and
+    touches their memory), so that the first save too is only a copy.
+
     The caller must not snapshot again while a reader of the previous snapshot is still running:
     the next snapshot overwrites the same buffers (`Checkpointer.save` waits for the previous
     background write first).
@@ -261,28 +274,46 @@ class Staging:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[Any, ...], tuple[tuple[Any, ...], torch.Tensor]] = {}
+        self._reserving: threading.Thread | None = None
+
+    def reserve(self, tree: Any) -> None:
+        """Start allocating, in a background thread, the buffers a snapshot of a tree shaped like
+        `tree` needs (only shapes and dtypes are read; the allocation and the first touch of the
+        memory, page faults included, run beside training). The next `snapshot` waits for it."""
+        self._join()
+        wanted = {
+            path: (_buffer_key(src), torch.empty_like(src, device="meta"))
+            for path, src in _leaves(tree, ())
+            if _stageable(src)
+        }
+
+        def allocate() -> None:
+            _lower_this_threads_priority()
+            for path, (key, template) in wanted.items():
+                found = self._buffers.get(path)
+                if not (found and found[0] == key):
+                    buf = _new_buffer(template, pin=key[-1])
+                    buf.zero_()  # fault the pages in here, not in the first snapshot's copy
+                    self._buffers[path] = (key, buf)
+
+        self._reserving = threading.Thread(target=allocate, daemon=True)
+        self._reserving.start()
 
     def snapshot(self, tree: Any) -> Any:
         """`tree` with every tensor replaced by its CPU copy (dicts, lists and tuples rebuilt,
         other leaves shared): what a background writer may read while the training loop keeps
         changing the live weights and optimizer state."""
+        self._join()
         used: dict[tuple[Any, ...], tuple[tuple[Any, ...], torch.Tensor]] = {}
         cuda: set[torch.device] = set()
 
         def stage(src: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
-            if type(src) is not torch.Tensor or src.layout != torch.strided or src.is_quantized:
+            if not _stageable(src):
                 return src.to("cpu", copy=True)  # subclasses, sparse, quantized: a plain copy
-            pin = src.is_cuda and src.numel() > 0
-            key = (src.dtype, src.shape, src.stride(), pin)
+            key = _buffer_key(src)
             found = self._buffers.get(path)
-            buf = found[1] if found and found[0] == key else None
-            if buf is None:  # page-aligned CPU memory is written to disk without a copy
-                buf = (
-                    torch.empty_like(src, device="cpu", pin_memory=True)
-                    if pin
-                    else aligned_empty_like(src)
-                )
-            buf.copy_(src, non_blocking=pin)
+            buf = found[1] if found and found[0] == key else _new_buffer(src, pin=key[-1])
+            buf.copy_(src, non_blocking=key[-1])
             used[path] = (key, buf)
             if src.is_cuda:
                 cuda.add(src.device)
@@ -302,6 +333,41 @@ class Staging:
             torch.cuda.synchronize(device)  # the non-blocking device-to-host copies have landed
         self._buffers = used
         return copies
+
+    def _join(self) -> None:
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
+
+
+def _stageable(src: torch.Tensor) -> bool:
+    """A plain dense tensor (subclasses, sparse and quantized ones are copied as they are)."""
+    return type(src) is torch.Tensor and src.layout == torch.strided and not src.is_quantized
+
+
+def _buffer_key(src: torch.Tensor) -> tuple[Any, ...]:
+    """What a staging buffer must match to be reused; the last item says "pinned"."""
+    return (src.dtype, src.shape, src.stride(), src.is_cuda and src.numel() > 0)
+
+
+def _new_buffer(like: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A staging buffer like `like` (its dtype, shape and strides): pinned for a CUDA tensor,
+    else page-aligned (written to disk without a copy, see `gddist.io.aligned_empty_like`)."""
+    if pin:
+        return torch.empty_like(like, device="cpu", pin_memory=True)
+    return aligned_empty_like(like)
+
+
+def _leaves(node: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], torch.Tensor]]:
+    """(path, tensor) for every tensor in a tree of dicts, lists and tuples."""
+    if isinstance(node, torch.Tensor):
+        yield path, node.detach()
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list | tuple):
+        for i, v in enumerate(node):
+            yield from _leaves(v, (*path, i))
 
 
 def _lower_this_threads_priority() -> None:

@@ -147,11 +147,15 @@ class Trainer:
         start = time.perf_counter()
         self.engine.model.train()
         divergence: Diverged | None = None
+        reserve = self.cfg.checkpoint.async_save  # staging for async saves, after one step
         with self.signals:
             try:
                 while self.step < self.max_steps:
                     self.train_step()
                     self.step += 1
+                    if reserve:  # the optimizer state exists now: its shapes are final
+                        self.checkpointer.reserve(self.state_dict(), {"rng": rng_state()})
+                        reserve = False
                     last = self.step == self.max_steps
                     if self.step % tc.log_every == 0 or last:
                         self.log_train()

@@ -385,6 +385,39 @@ def test_staging_reuses_its_buffers_while_the_tree_keeps_its_shape():
     assert staging.snapshot(tree)["w"].data_ptr() != first["w"].data_ptr()
 
 
+def test_reserved_staging_is_allocated_ahead_and_used_by_the_first_snapshot():
+    from gddist.checkpoint import Staging
+    from gddist.io import ZERO_COPY_MIN
+
+    tree = {"w": torch.randn(ZERO_COPY_MIN // 4 + 1000), "b": [torch.ones(3)], "step": 4}
+    staging = Staging()
+    staging.reserve(tree)
+    staging._join()  # the background allocation
+    reserved = {path: buf.data_ptr() for path, (_, buf) in staging._buffers.items()}
+    assert set(reserved) == {("w",), ("b", 0)}
+    tree["w"].mul_(3)  # training goes on between reserve and the first save
+    first = staging.snapshot(tree)
+    assert (
+        first["w"].data_ptr() == reserved[("w",)] and first["b"][0].data_ptr() == reserved[("b", 0)]
+    )
+    assert torch.equal(first["w"], tree["w"]) and first["step"] == 4
+
+
+def test_trainer_reserves_async_staging_after_its_first_step(tmp_path):
+    cfg = Config.from_dict(
+        compose("model=mlp", "trainer.max_steps=3", "checkpoint.async=true", "logger.plots=false")
+    )
+    trainer = Trainer(
+        cfg, build_data(cfg.data, cfg.seed), init(cfg.dist, LaunchEnv("none")), tmp_path
+    )
+    calls = []
+    reserve = trainer.checkpointer.reserve
+    trainer.checkpointer.reserve = lambda *a: (calls.append(trainer.step), reserve(*a))
+    trainer.fit()
+    assert calls == [1]  # once, after step 1: the optimizer state (momentum) exists by then
+    verify(trainer.checkpointer.complete()[-1])
+
+
 def test_async_save_writes_the_snapshot_of_its_step_and_waits_for_the_previous_write(
     tmp_path, monkeypatch
 ):

@@ -170,9 +170,10 @@ def checkpoint_stall(params: int, reps: int, tmp: Path) -> dict[str, Any]:
 
     Modes run interleaved (none, sync, async, async_steady, then reversed); a mode's stall is
     the median over repetitions of its loop time minus the save-free loop's time in the same
-    repetition. "sync" and "async" save with a fresh Checkpointer (its first save: an async one
-    allocates its staging buffers then); "async_steady" with one that has saved before, as every
-    save after the first of a run does (the staging buffers are reused).
+    repetition. "sync" and "async" save with a fresh Checkpointer, as the first save of a run
+    (an async one reserves its staging buffers after the loop's first step, as the trainer does:
+    they are allocated in the background, and a save that comes before they are ready waits);
+    "async_steady" with one that has saved before, as every later save of a run does.
     """
     from torch import nn
 
@@ -198,11 +199,15 @@ def checkpoint_stall(params: int, reps: int, tmp: Path) -> dict[str, Any]:
         model(x).square().mean().backward()
         opt.step()
 
+    def state() -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}, {
+            "rng": torch.get_rng_state()
+        }
+
     def save(ckpt: Any, step: int) -> float:
         sync()
         t0 = time.perf_counter()
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
-        ckpt.save(step, state, {"rng": torch.get_rng_state()})
+        ckpt.save(step, *state())
         return time.perf_counter() - t0
 
     # Untimed: the momentum buffers come to exist (full-size state), the page cache warms up,
@@ -234,6 +239,8 @@ def checkpoint_stall(params: int, reps: int, tmp: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
             for i in range(steps):
                 train_step()
+                if i == 0 and mode == "async":  # as the trainer does after its first step
+                    ckpt.reserve(*state())
                 if i == at and mode != "none":
                     blocked[mode].append(save(ckpt, 1 + rep * steps + i))
             sync()

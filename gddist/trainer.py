@@ -314,7 +314,9 @@ class Trainer:
             "step": self.step,
             "epoch": self.batches.epoch_of(self.step),
             "position_in_epoch": self.step % self.batches.steps_per_epoch,
-            "model": {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()},
+            # Device tensors: torch.save copies them out (sync), or the async staging copies them
+            # into pinned buffers without blocking; loading maps them to CPU.
+            "model": {k: v.detach() for k, v in self.engine.module.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "engine": self.engine.state_dict(),  # the fp16 GradScaler, when there is one

@@ -77,7 +77,9 @@ class NpyData:
             raise UserError(
                 f"{root / TARGET} row {bad[0]}: non-finite value {y[bad[0]]}; fix or drop that row"
             )
-        distinct = np.unique(y).tolist()
+        # Every decision needs at most the first 1001 distinct values (more is "not classes"):
+        # a regression target's millions of values never become a Python list.
+        distinct = np.unique(y)[:1001].tolist()
         task, classes = decide_task(distinct, False, TARGET, task, str(root))
         features = [
             {"name": f"x{j}", "kind": "numeric", "mean": float(m), "std": float(s)}

@@ -90,6 +90,13 @@ def test_npy_statistics_are_exact_over_many_chunks(tmp_path, monkeypatch):
     assert np.allclose(disk.mean, train.mean(0), rtol=0, atol=1e-12)
     assert np.allclose(disk.std, train.std(0), rtol=1e-12)
     assert disk.task == "regression"
+    # Integer targets: few distinct values are classes, many (as for counts) are regression.
+    write_npy(tmp_path / "k", features=x, target=np.arange(1000) % 3)
+    assert NpyData.open(str(tmp_path / "k"), "auto", 0.2, seed=1).task == "multiclass"
+    write_npy(tmp_path / "c", features=np.zeros((1200, 1)), target=np.arange(1200) * 7)
+    assert NpyData.open(str(tmp_path / "c"), "auto", 0.2, seed=1).task == "regression"
+    with pytest.raises(UserError, match="has 1001 classes"):  # capped: the first 1001 count
+        NpyData.open(str(tmp_path / "c"), "multiclass", 0.2, seed=1)
 
 
 def test_npy_pickles_without_its_memory_maps(npy_dir):

@@ -14,11 +14,18 @@ import gc
 import sys
 from pathlib import Path
 
-import hydra
-from torch.distributed.elastic.multiprocessing.errors import record
+from gddist.signals import record_early_sigusr1
 
-from gddist.cli import check_overrides, fail, register_resolvers, task
-from gddist.config import UserError
+if __name__ == "__main__":
+    # Before the seconds of imports below: a SIGUSR1 (SLURM's preemption warning) sent while this
+    # process starts must not kill it (see record_early_sigusr1).
+    record_early_sigusr1()
+
+import hydra  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from gddist.cli import check_overrides, fail, register_resolvers, task  # noqa: E402
+from gddist.config import UserError  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 

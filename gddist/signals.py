@@ -21,6 +21,26 @@ log = logging.getLogger("gddist")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
+# A SIGUSR1 received before the training loop took over (see `record_early_sigusr1`).
+_early: int | None = None
+
+
+def record_early_sigusr1() -> None:
+    """Record a SIGUSR1 that arrives while the process is still starting (imports, data loading)
+    instead of dying of it (its default action): SLURM's preemption warning can come at any
+    time, and the requeue it asks for needs a process that lives to checkpoint. `StopSignals`
+    acts on a recorded one at the first step every rank agrees on. Call it first thing, in the
+    main thread (train.py does). SIGTERM and Ctrl-C keep their defaults during startup: there is
+    nothing to save yet."""
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        global _early
+        if _early is None:
+            _early = signum
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, record)
+
 
 class StopSignals:
     """Records the first stop signal this process receives; use as a context manager."""
@@ -33,6 +53,10 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers: main thread only
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        global _early
+        if _early is not None:  # arrived during startup: act on it like one arriving now
+            early, _early = _early, None
+            self._handle(early, None)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,31 @@ def test_ctrl_c_saves_exits_130_and_resumes_bit_identical(tmp_path, uninterrupte
     again = check(cli(*args))
     assert resumed_step(again.stdout + again.stderr) == summary["step"]
     assert_bit_identical(load_model(uninterrupted_1), load_model(run_dir))
+
+
+def _starting_with_usr1_caught(pid):
+    """The process catches SIGUSR1 and has not loaded torch yet (still importing)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"SigCgt:\s*([0-9a-f]+)", status).group(1), 16)
+    torch_loaded = "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    return bool(caught >> (signal.SIGUSR1 - 1) & 1) and not torch_loaded
+
+
+@pytest.mark.slow
+def test_sigusr1_during_startup_is_kept_and_acted_on_at_the_first_step(tmp_path):
+    """SLURM's preemption warning can land while train.py is still importing: the process must
+    live (SIGUSR1's default action kills), then checkpoint at step 1 and exit like any stop."""
+    run_dir = tmp_path / "r"
+    proc = start(cli_cmd("trainer.max_steps=100000", f"hydra.run.dir={run_dir}"))
+    wait_until(
+        lambda: _starting_with_usr1_caught(proc.pid), 60, "startup with SIGUSR1 caught", proc
+    )
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1, out[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["stopped_by"], summary["step"]) == ("SIGUSR1", 1)
+    verify(run_dir / "checkpoints" / "step_000000001")
 
 
 @pytest.mark.slow

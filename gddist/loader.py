@@ -33,25 +33,6 @@ from gddist.signals import STOP_SIGNALS
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class MemoryFeed:
-    """Batches by indexing the dataset's tensors (already on the training device)."""
-
-    def __init__(self, data: Any, order: GlobalBatches, accum: int, rank: int, world: int):
-        self.data, self.order = data, order
-        self.accum, self.rank, self.world = accum, rank, world
-
-    def train(self, step: int, micro: int) -> Batch:
-        rows = self.order.rows(step, micro, self.accum, self.rank, self.world)
-        return self.data.read("train", rows)
-
-    def val(self, lo: int, hi: int, batch_size: int) -> Iterator[Batch]:
-        for start in range(lo, hi, batch_size):
-            yield self.data.read("val", slice(start, min(start + batch_size, hi)))
-
-    def close(self) -> None:
-        """Nothing to release (see WorkerFeed.close)."""
-
-
 class _TrainBatches(Dataset):
     """Key (step, micro) -> (step, micro, x, y): this rank's rows of that micro-batch."""
 
@@ -59,10 +40,12 @@ class _TrainBatches(Dataset):
         self.data, self.order = data, order
         self.accum, self.rank, self.world = accum, rank, world
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        step, micro = key
+    def read(self, step: int, micro: int) -> Batch:
         rows = self.order.rows(step, micro, self.accum, self.rank, self.world)
-        return (step, micro, *self.data.read("train", rows))
+        return self.data.read("train", rows)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        return (*key, *self.read(*key))
 
 
 class _ValBatches(Dataset):
@@ -73,6 +56,28 @@ class _ValBatches(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         return self.data.read("val", slice(*key))
+
+
+def _val_keys(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
+    """The (start, stop) batches of validation rows lo:hi."""
+    return [(s, min(s + batch_size, hi)) for s in range(lo, hi, batch_size)]
+
+
+class MemoryFeed:
+    """Batches by indexing the dataset's tensors (already on the training device)."""
+
+    def __init__(self, data: Any, order: GlobalBatches, accum: int, rank: int, world: int):
+        self._train = _TrainBatches(data, order, accum, rank, world)
+        self._val = _ValBatches(data)
+
+    def train(self, step: int, micro: int) -> Batch:
+        return self._train.read(step, micro)
+
+    def val(self, lo: int, hi: int, batch_size: int) -> Iterator[Batch]:
+        return (self._val[key] for key in _val_keys(lo, hi, batch_size))
+
+    def close(self) -> None:
+        """Nothing to release (see WorkerFeed.close)."""
 
 
 class WorkerFeed:
@@ -121,10 +126,9 @@ class WorkerFeed:
 
     def val(self, lo: int, hi: int, batch_size: int) -> Iterator[Batch]:
         if self._val_loader is None or self._val_key != (lo, hi, batch_size):
-            keys = [(s, min(s + batch_size, hi)) for s in range(lo, hi, batch_size)]
             self._val_loader = DataLoader(
                 self._val_set,
-                sampler=keys,
+                sampler=_val_keys(lo, hi, batch_size),
                 persistent_workers=self._persistent,
                 generator=_own_rng(),
                 **self._options,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,15 @@ __version__ = "0.1.0"
 def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     """Train one run described by `cfg` (a `Config` or a plain dict) into `run_dir`.
 
-    Order matters (DESIGN.md invariant 6): config, world-size and data checks all happen before the
-    process group is joined, so a user mistake fails fast with one line on every rank. The process
-    group is always torn down, whatever happens.
+    Order matters (docs/architecture.md, invariant 6): config, run-dir, world-size and data checks
+    all happen before the process group is joined, so a user mistake fails fast with one line on
+    every rank. Then rank 0 takes the run dir's lock (one live run per run dir; a second launch
+    fails with one line naming the holder). The lock is released and the process group torn
+    down whatever happens.
     """
     from gddist import data as data_mod
     from gddist import dist as dist_mod
+    from gddist import rundir
     from gddist.config import Config
     from gddist.engine import check_precision
     from gddist.signals import requeue_slurm_job
@@ -26,16 +30,29 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, Config):
         cfg = Config.from_dict(cfg)
     env = dist_mod.detect_launch()
+    rundir.check_creatable(Path(run_dir))
     cfg.check_world(env.world_size)
     check_precision(cfg.trainer.precision, dist_mod.pick_device(cfg.dist.device, env.local_rank))
     data = data_mod.build(cfg.data, cfg.seed)
     dist = dist_mod.init(cfg.dist, env)
+    lock = None
     try:
+        lock = rundir.lock(Path(run_dir), dist)
         summary = Trainer(cfg, data, dist, Path(run_dir)).fit()
-        if summary.get("signal") == signal.SIGUSR1:  # preempted on SLURM: come back and resume
+        if "signal" in summary:
             if dist.is_main:
-                requeue_slurm_job()  # a no-op outside SLURM
-            dist.barrier()  # no rank exits (and gets the job torn down) before the requeue
+                if summary["signal"] == signal.SIGUSR1:  # preempted on SLURM: come back, resume
+                    requeue_slurm_job()  # a no-op outside SLURM
+                print(
+                    f"gddist: stopped by {signal.Signals(summary['signal']).name} at step "
+                    f"{summary['step']} after saving a checkpoint in {run_dir}; to resume, run: "
+                    f"{rundir.resume_command(Path(run_dir), summary['signal'])}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            # No rank exits (and gets the others killed by torchrun, or the job torn down by
+            # SLURM) before rank 0 has requeued the job and said how to resume.
+            dist.barrier()
     except Exception as e:
         if not (dist.distributed and dist_mod.is_peer_failure(e)):
             raise
@@ -47,5 +64,7 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
             "to resume from the last checkpoint"
         ) from None
     finally:
+        if lock is not None:
+            lock.release()
         dist.close()
     return summary

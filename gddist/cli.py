@@ -8,13 +8,11 @@ checkpoint (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1): rerun the same command to res
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,43 +26,25 @@ NONZERO_RANK_EXIT_DELAY_S = 10.0
 log = logging.getLogger("gddist")
 
 
-def run_name(environ: Mapping[str, str] | None = None) -> str:
-    """A run-dir name that every rank and every restart of one job computes identically.
+def run_name_resolver(*, _root_: Any) -> str:
+    """`${gddist_run_name:}`: the run dir name from the composed config (gddist.rundir.run_name).
 
-    GDDIST_RUN_NAME wins; else the SLURM job (stable across requeues); else torchrun's rendezvous
-    id (shared by all workers and kept across --max-restarts); else, under a single-node torchrun
-    without an id, the start time of the torchrun agent (the workers' parent); else now.
-    """
-    env = os.environ if environ is None else environ
-    if env.get("GDDIST_RUN_NAME"):
-        return env["GDDIST_RUN_NAME"]
-    if env.get("SLURM_ARRAY_JOB_ID"):
-        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
-    if env.get("SLURM_JOB_ID"):
-        return f"slurm-{env['SLURM_JOB_ID']}"
-    if "RANK" in env:
-        run_id = env.get("TORCHELASTIC_RUN_ID", "none")
-        if run_id not in ("", "none"):
-            return f"torchrun-{run_id}"
-        started = _parent_start_time()
-        if started is not None:
-            return started.strftime("%Y-%m-%d/%H-%M-%S")
-    return datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    OmegaConf hands a resolver the config root when it asks for `_root_`; Hydra resolves
+    `hydra.run.dir` in the full config, so the task keys (everything but `hydra`) are resolved
+    here on their own, without touching the node being resolved."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
+    from gddist.rundir import run_name
 
-def _parent_start_time() -> datetime.datetime | None:
-    """Wall-clock start of the parent process (Linux /proc); None where it cannot be read."""
-    try:
-        stat = Path(f"/proc/{os.getppid()}/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
-        boot = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime")
-        )
-        return datetime.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
+    config = {}
+    for key in _root_:
+        if key == "hydra":
+            continue
+        value = _root_[key]
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        config[key] = value
+    return run_name(config)
 
 
 def output_subdir() -> str | None:
@@ -77,7 +57,7 @@ def output_subdir() -> str | None:
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver("gddist_run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("gddist_run_name", run_name_resolver, replace=True)
     OmegaConf.register_new_resolver("gddist_output_subdir", output_subdir, replace=True)
 
 
@@ -96,15 +76,20 @@ def check_overrides(argv: Sequence[str], conf_dir: Path) -> None:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception as e:  # a malformed override
         raise UserError(_one_line(e)) from None
+    _check_run_dir(overrides)
+    dirs = _config_dirs(argv, overrides, conf_dir)
     for o in overrides:
         group = o.key_or_group
         if group.startswith("hydra/"):  # Hydra's own groups also take installed plugins' options
             if group == "hydra/launcher" and o.value() == "slurm":
                 _require_submitit()
             continue
-        if o.is_delete() or o.package or not (conf_dir / group).is_dir():
+        if dirs is None or o.is_delete() or o.package:
             continue
-        choices = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        groups = [d / group for d in dirs if (d / group).is_dir()]
+        if not groups:
+            continue
+        choices = sorted({p.stem for g in groups for p in g.glob("*.yaml")})
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
         for value in values:
             if value is not None and str(value) not in choices:
@@ -120,6 +105,43 @@ def check_overrides(argv: Sequence[str], conf_dir: Path) -> None:
             compose("config", overrides=list(argv))
         except Exception as e:
             raise UserError(_one_line(e)) from None
+
+
+def _config_dirs(argv: Sequence[str], overrides: list[Any], conf_dir: Path) -> list[Path] | None:
+    """conf/ plus the user's config dirs (`--config-dir DIR` / `-cd DIR`, `hydra.searchpath`),
+    whose groups and options count as known; None when one is not a plain directory (e.g. a
+    `pkg://` search path entry): then the options of every group are left to Hydra to check."""
+    dirs = [conf_dir]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+    for o in overrides:
+        if o.key_or_group != "hydra.searchpath" or o.is_delete():
+            continue
+        entries = o.value() if isinstance(o.value(), list) else [o.value()]
+        for entry in map(str, entries):
+            if entry.startswith("file://"):
+                dirs.append(Path(entry[len("file://") :]))
+            elif "://" in entry:
+                return None
+            else:
+                dirs.append(Path(entry))
+    return dirs
+
+
+def _check_run_dir(overrides: list[Any]) -> None:
+    """A run dir that cannot be created fails here in one line, not in Hydra with a traceback:
+    the explicit `hydra.run.dir`, else `outputs/` (the default run dirs' parent)."""
+    from gddist.rundir import check_creatable
+
+    run_dir = "outputs"
+    for o in overrides:
+        if o.key_or_group == "hydra.run.dir" and not o.is_delete():
+            run_dir = str(o.value())
+    if "${" not in run_dir:  # interpolated dirs are resolved by Hydra
+        check_creatable(Path(run_dir))
 
 
 def _require_submitit() -> None:
@@ -181,7 +203,7 @@ def task(cfg: Any) -> dict[str, Any] | None:
         if type(e).__module__.startswith("omegaconf"):
             fail(f"config: {e}".splitlines()[0])
         raise
-    if "signal" in summary:
+    if "signal" in summary:  # gddist.run said how to resume
         sys.exit(128 + summary["signal"])
     multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
     if summary["diverged"] and not multirun:  # in a sweep a diverged job is a result, not a crash

@@ -12,6 +12,7 @@ resumed from a checkpoint continues bit for bit (DESIGN.md invariant 2).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import signal
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from gddist import engine as engine_mod
-from gddist import loader, models, tracking
+from gddist import loader, models, rundir, tracking
 from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
 from gddist.data import GlobalBatches, TensorData
@@ -121,9 +122,11 @@ class Trainer:
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
 
         run_id = None
-        resume = self.checkpointer.find_resume()
+        resume = self._continue_or_archive(self.checkpointer.find_resume())
         if resume is not None:
             run_id = self.load_checkpoint(resume)
+        elif dist.is_main:
+            log.info("run dir %s: fresh start (%d steps)", self.run_dir, self.max_steps)
         self.tracker = tracking.build(
             self.run_dir,
             dist.is_main,
@@ -143,6 +146,8 @@ class Trainer:
         Returns the summary. A stop signal ends the loop on a step every rank agrees on, after a
         checkpoint; the caller maps `summary["signal"]` to the exit code.
         """
+        if self.is_complete():
+            return self._already_complete()
         tc, every = self.cfg.trainer, self.cfg.checkpoint.every_steps
         start = time.perf_counter()
         self.engine.model.train()
@@ -354,13 +359,61 @@ class Trainer:
             # Rows logged after this checkpoint by the interrupted run are replayed by this one.
             truncate_jsonl(self.run_dir / "metrics.jsonl", max_step=self.step)
             log.info(
-                "resumed from %s at step %d (saved by %d process(es), now %d)",
+                "run dir %s: resumed from %s at step %d (saved by %d process(es), now %d)",
+                self.run_dir,
                 path,
                 self.step,
                 state["world_size"],
                 self.dist.world_size,
             )
         return state["tracker_run_id"]
+
+    # ------------------------------------------------------------------ run dir
+
+    def _continue_or_archive(self, chosen: Path | None) -> Path | None:
+        """The checkpoint to load, after a fresh start in a used run dir has archived the old
+        run (rank 0 decides, every rank gets the same answer; see gddist.rundir.start_clean)."""
+        if self.dist.is_main:
+            complete = self.checkpointer.complete()
+            chosen = rundir.start_clean(
+                self.run_dir,
+                self.checkpointer.dir,
+                self.cfg.checkpoint.resume,
+                chosen,
+                complete[-1] if complete else None,
+            )
+        return self.dist.broadcast_object(chosen)
+
+    def is_complete(self) -> bool:
+        """Whether the resumed run had already finished: trained to max_steps, or early-stopped."""
+        patience = self.cfg.early_stopping.patience
+        stopped_early = bool(patience) and self.evals_without_improvement >= patience
+        return self.step >= self.max_steps or stopped_early
+
+    def _already_complete(self) -> dict[str, Any]:
+        """A rerun of a finished run: say so and train nothing. Its outputs are returned as they
+        are, or written now if the run ended before writing them (stopped at its last step)."""
+        if self.dist.is_main:
+            log.info(
+                "run dir %s: complete at step %d; nothing to train. To train longer, raise "
+                "trainer.max_steps (or max_epochs); to start afresh, pass "
+                "checkpoint.resume=never (the finished run is archived)",
+                self.run_dir,
+                self.step,
+            )
+        prior = _read_json(self.run_dir / "summary.json") if self.dist.is_main else None
+        prior = self.dist.broadcast_object(prior)
+        done = (
+            prior is not None
+            and prior.get("step") == self.step
+            and "signal" not in prior
+            and not prior.get("diverged")
+        )
+        if not done:
+            return self.finish(None, 0.0)
+        self.feed.close()
+        self.tracker.close()
+        return prior
 
     # ------------------------------------------------------------------ helpers
 
@@ -434,6 +487,14 @@ class Trainer:
             i = int(bad.nonzero()[0])
             raise Diverged(pending[i][0], losses[i].item(), lrs[i])
         return losses, norms, lrs
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def seed_rank(seed: int, rank: int) -> None:

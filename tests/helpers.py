@@ -177,10 +177,10 @@ def last_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def start(cmd: list[str], **env: str) -> subprocess.Popen:
+def start(cmd: list[str], cwd: Path | None = None, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         env=clean_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

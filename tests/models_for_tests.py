@@ -60,3 +60,18 @@ class FaultyNet(nn.Module):
                     os._exit(1)
                 time.sleep(600)
         return self.linear(x)
+
+
+class SleepyNet(nn.Module):
+    """A linear model whose training forward pass sleeps `delay_s`: a run that stays alive long
+    enough for a test to act on it while it trains (another launch, a signal)."""
+
+    def __init__(self, in_features: int, out_features: int, delay_s: float = 0.02) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.delay_s = delay_s
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(self.delay_s)
+        return self.linear(x)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_default_example_trains_and_writes_its_outputs(tmp_path):
     proc = check(cli(cwd=tmp_path))
     assert "val/accuracy" in proc.stdout + proc.stderr
-    (summary_path,) = tmp_path.glob("outputs/*/*/summary.json")  # outputs/DATE/TIME/
+    (summary_path,) = tmp_path.glob("outputs/*/summary.json")  # outputs/<label>-<identity hash>
     run_dir = summary_path.parent
     summary = json.loads(summary_path.read_text())
     assert summary["diverged"] is False and summary["val/accuracy"] > 0.65

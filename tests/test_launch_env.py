@@ -1,9 +1,11 @@
 """Tier 2: launch detection and run-dir naming from launcher environments, in one process."""
 
+import re
+
 import pytest
 
-from gddist.cli import run_name
 from gddist.dist import detect_launch, expand_nodelist, slurm_port
+from gddist.rundir import run_name
 
 
 def test_no_launcher_is_a_world_of_one():
@@ -69,14 +71,17 @@ def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
 
 
-def test_run_name_is_stable_per_job():
-    assert run_name({"GDDIST_RUN_NAME": "mine", "SLURM_JOB_ID": "9"}) == "mine"
-    assert run_name({"SLURM_JOB_ID": "9"}) == "slurm-9"
-    assert run_name(
-        {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8", "SLURM_ARRAY_TASK_ID": "2"}
-    ) == ("slurm-8_2")
-    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc"}
-    assert run_name(torchrun) == "torchrun-abc"
-    # Without a rendezvous id, all workers of one torchrun share its (their parent's) start time.
-    no_id = {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}
-    assert run_name(no_id) == run_name(no_id)
+def test_run_name_is_the_config_identity_plus_the_slurm_job_step():
+    config = {"seed": 0, "data": {"name": "purchase"}, "model": {"name": "linear"},
+              "optimizer": {"name": "sgd", "lr": 0.1}}  # fmt: skip
+    plain = run_name(config, {})
+    assert re.fullmatch(r"purchase-linear-sgd-[0-9a-f]{10}", plain)
+    assert run_name(config, {"GDDIST_RUN_NAME": "mine", "SLURM_JOB_ID": "9"}) == "mine"
+    # torchrun's random rendezvous id is not part of it: a rerun of the command finds the dir.
+    assert run_name(config, {"RANK": "1", "TORCHELASTIC_RUN_ID": "abc"}) == plain
+    step0 = run_name(config, {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0"})
+    assert step0.startswith("slurm-9.0-")
+    assert run_name(config, {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "1"}).startswith("slurm-9.1-")
+    assert run_name(config, {"SLURM_JOB_ID": "9"}).startswith("slurm-9.batch-")
+    array = {"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8", "SLURM_ARRAY_TASK_ID": "2"}
+    assert run_name(config, array).startswith("slurm-8_2.batch-")

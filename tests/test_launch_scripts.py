@@ -95,8 +95,8 @@ def test_torchrun_sh_restarts_a_crashed_worker_and_resumes_to_the_same_weights(t
     )
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert marker.exists()  # the crash happened
-    # The restarted workers found the same run dir (outputs/torchrun-<rendezvous id>) and resumed.
-    (run_dir,) = (tmp_path / "outputs").glob("torchrun-*")
+    # The restarted workers found the same run dir (derived from the config) and resumed.
+    (run_dir,) = (tmp_path / "outputs").iterdir()
     assert f"resumed from {run_dir / 'checkpoints' / 'step_000000010'}" in proc.stdout
     assert max_weight_diff(load_model(run_dir), load_model(tmp_path / "one")) < 1e-5
 

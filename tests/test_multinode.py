@@ -123,8 +123,8 @@ def test_two_nodes_in_network_namespaces_train_like_one_process(two_nodes, tmp_p
     codes = wait_all(procs, timeout=180)
     logs = "\n".join((tmp_path / f"node{i}.log").read_text()[-3000:] for i in range(2))
     assert codes == [0, 0], logs
-    # Both nodes derived the same run dir from the rendezvous id; rank 0 wrote it.
-    run_dir = tmp_path / "outputs" / "torchrun-two-nodes"
+    # Both nodes derived the same run dir from the config's identity; rank 0 wrote it.
+    (run_dir,) = (tmp_path / "outputs").iterdir()
     newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     assert json.loads((newest / "manifest.json").read_text())["world_size"] == 2
     assert max_weight_diff(load_model(run_dir), load_model(tmp_path / "one")) < 1e-5

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,15 @@ def submit(slurm, tmp_path, script: str, *args: str, sbatch_args=(), **env: str)
     )
 
 
+def run_dir_of(tmp_path: Path, job: int, step: str = "0") -> Path:
+    """outputs/slurm-<job>.<step>-<config hash>: the run dir gddist derives in job step `step`
+    (a job's first srun is step 0, also after a requeue); a path that does not exist (yet) when
+    there is none."""
+    found = sorted((tmp_path / "outputs").glob(f"slurm-{job}.{step}-*"))
+    assert len(found) <= 1, found
+    return found[0] if found else tmp_path / "outputs" / f"slurm-{job}.{step}-none"
+
+
 def world_size_of_last_checkpoint(run_dir: Path) -> int:
     newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     return json.loads((newest / "manifest.json").read_text())["world_size"]
@@ -72,7 +82,7 @@ def world_size_of_last_checkpoint(run_dir: Path) -> int:
 def test_sbatch_torchrun_per_node_trains_like_one_process(slurm, reference, tmp_path):
     job = submit(slurm, tmp_path, "slurm.sbatch", *ARGS, NPROC_PER_NODE="2")
     slurm.wait_done(job)
-    run_dir = tmp_path / "outputs" / f"slurm-{job}"  # the run dir is derived from the job id
+    run_dir = run_dir_of(tmp_path, job)  # derived from the config and the job step
     assert world_size_of_last_checkpoint(run_dir) == 2
     assert max_weight_diff(load_model(run_dir), reference) < 1e-5
     log = (tmp_path / f"slurm-{job}.out").read_text()
@@ -83,9 +93,25 @@ def test_sbatch_torchrun_per_node_trains_like_one_process(slurm, reference, tmp_
 def test_sbatch_srun_task_per_process_trains_like_one_process(slurm, reference, tmp_path):
     job = submit(slurm, tmp_path, "slurm_srun.sbatch", *ARGS, sbatch_args=["--ntasks=2"])
     slurm.wait_done(job)
-    run_dir = tmp_path / "outputs" / f"slurm-{job}"
+    run_dir = run_dir_of(tmp_path, job)
     assert world_size_of_last_checkpoint(run_dir) == 2
     assert max_weight_diff(load_model(run_dir), reference) < 1e-5
+
+
+def test_two_sruns_of_one_job_are_two_runs(slurm, reference, tmp_path):
+    """The same command twice in one job (two job steps): each step is its own run, trained to
+    the end, not a "resume" of the other's finished checkpoint."""
+    script = tmp_path / "twice.sbatch"
+    train_cmd = shlex.join([sys.executable, str(ROOT / "train.py"), *ARGS])
+    script.write_text(f"#!/bin/bash\nsrun --ntasks=1 {train_cmd}\nsrun --ntasks=1 {train_cmd}\n")
+    job = slurm.sbatch(f"--chdir={tmp_path}", str(script), env=job_env(slurm), cwd=tmp_path)
+    slurm.wait_done(job)
+    for step in ("0", "1"):
+        run_dir = run_dir_of(tmp_path, job, step)
+        assert last_step(run_dir) == MAX_STEPS, step
+        assert max_weight_diff(load_model(run_dir), reference) < 1e-5
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert "complete at step" not in log and log.count(": fresh start") == 2, log[-3000:]
 
 
 PREEMPT_STEPS = 60
@@ -110,8 +136,10 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, slow_r
     stops at one step and checkpoints, rank 0 requeues the job, the requeued job resumes in the
     same run dir and ends with the weights of an uninterrupted single-process run."""
     job = submit(slurm, tmp_path, "slurm.sbatch", *SLOW, "+model.delay_s=0.05", NPROC_PER_NODE="2")
-    run_dir = tmp_path / "outputs" / f"slurm-{job}"
-    slurm.wait_job(job, lambda f: last_step(run_dir) >= 5, 120, "training progress")
+    slurm.wait_job(
+        job, lambda f: last_step(run_dir_of(tmp_path, job)) >= 5, 120, "training progress"
+    )
+    run_dir = run_dir_of(tmp_path, job)
     # What --signal=USR1@90 does 90 s before the time limit: every process of the job step.
     slurm.run("scancel", "--signal=USR1", str(job))
 
@@ -131,6 +159,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, slow_r
     assert first_run.count("received SIGUSR1") == 2, first_run[-3000:]  # both ranks got it
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{max(stopped_at):09d}'}" in resumed_run
     assert last_step(run_dir) == PREEMPT_STEPS
+    assert list((tmp_path / "outputs").iterdir()) == [run_dir]  # the requeued job came back
     assert world_size_of_last_checkpoint(run_dir) == 2
     assert max_weight_diff(load_model(run_dir), slow_reference) < 1e-5
 

@@ -4,10 +4,11 @@ Every dataset becomes a `TensorData`: standardized float features, targets in tr
 deterministic train/val split from the seed, and the `Preprocessing` that maps raw values to model
 inputs (saved next to the model so predictions can be reproduced).
 
-Global-batch semantics (DESIGN.md invariant 1): `GlobalBatches` orders the training set of epoch e
-by a permutation drawn from (seed, e); optimizer step s reads global batch s mod steps_per_epoch of
-epoch s // steps_per_epoch, and every rank takes its slice of each micro-batch. The position is a
-pure function of the step, so resuming at step s continues the same sample order at any world size.
+Global-batch semantics (docs/architecture.md, invariant 1): `GlobalBatches` orders the training
+set of epoch e by a permutation drawn from (seed, e); optimizer step s reads global batch
+s mod steps_per_epoch of epoch s // steps_per_epoch, and every rank takes its slice of each
+micro-batch. The position is a pure function of the step, so resuming at step s continues the same
+sample order at any world size.
 """
 
 from __future__ import annotations

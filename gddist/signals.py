@@ -1,10 +1,10 @@
 """Stop requests from outside: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's preemption warning).
 
 A handler only records the signal; the training loop decides when to act on it, together with
-every other rank (DESIGN.md invariant 4: a stop is all-reduced so all ranks stop on the same step,
-save one checkpoint and exit). A second Ctrl-C does not wait: it raises KeyboardInterrupt at once
-(the last complete checkpoint stays intact, since checkpoints are renamed into place only when
-complete).
+every other rank (docs/architecture.md, invariant 4: a stop is all-reduced so all ranks stop on
+the same step, save one checkpoint and exit). A second Ctrl-C does not wait: it raises
+KeyboardInterrupt at once (the last complete checkpoint stays intact, since checkpoints are
+renamed into place only when complete).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ steps: per-step losses and gradient norms stay on the device in a short list tha
 drains.
 
 Everything the next step depends on is in `state_dict()` (plus each rank's RNG states), so a run
-resumed from a checkpoint continues bit for bit (DESIGN.md invariant 2).
+resumed from a checkpoint continues bit for bit (docs/architecture.md, invariant 2).
 """
 
 from __future__ import annotations

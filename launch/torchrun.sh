@@ -6,7 +6,7 @@
 # Every argument goes to torchrun after its own options: the script, then Hydra overrides.
 # Workers that die are restarted (all of them, together) up to MAX_RESTARTS times (default 3);
 # checkpoint.resume=auto makes a restarted run continue from the newest checkpoint of its run dir,
-# which stays the same across restarts (outputs/torchrun-<rendezvous id of this launch>).
+# which stays the same across restarts and reruns (outputs/<data>-<model>-<optimizer>-<config hash>).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -1,4 +1,4 @@
-"""Checkpoints, exact resume and fault tolerance (DESIGN.md invariants 2-5).
+"""Checkpoints, exact resume and fault tolerance (docs/architecture.md, invariants 2-5).
 
 Every kill here comes from outside the training process (SIGKILL / SIGTERM / SIGINT sent by the
 test), and every comparison is of real weights: bit-identical (torch.equal) where the world size

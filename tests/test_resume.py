@@ -351,7 +351,9 @@ def test_resume_refuses_a_changed_model_or_global_batch_unless_allowed(tmp_path)
 def test_resume_never_and_explicit_path(tmp_path):
     train(tmp_path, "trainer.max_steps=20", "checkpoint.every_steps=10")
     assert make_trainer(tmp_path, "trainer.max_steps=30", "checkpoint.resume=never").step == 0
-    path = tmp_path / "checkpoints" / "step_000000010"
+    # The fresh start archived the used run dir's history (tests/test_rundir.py has the rest).
+    (archived,) = (tmp_path / "archive").iterdir()
+    path = archived / "checkpoints" / "step_000000010"
     assert (
         make_trainer(tmp_path / "other", "trainer.max_steps=30", f"checkpoint.resume={path}").step
         == 10

@@ -13,20 +13,21 @@ import json
 import logging
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import check, cli, compose, load_model, rows, spawn, train
+from helpers import check, cli, cli_cmd, compose, load_model, rows, spawn, start, train
 from slurm_cluster import require_or_skip
 
 from gddist import checkpoint
 from gddist.checkpoint import Checkpointer, verify
 from gddist.config import Config, UserError
 from gddist.dist import LaunchEnv, detect_launch, init
-from gddist.io import atomic_write, truncate_jsonl
+from gddist.io import atomic_save_json, atomic_write, truncate_jsonl
 from gddist.tracking import Tracker
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
@@ -157,6 +158,33 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_complete_ones
         verify(path)
 
 
+@pytest.mark.slow
+def test_two_processes_on_a_full_disk_both_exit_2_and_say_it_once(tmp_path, tmpfs):
+    # Two ranks' files make a checkpoint 36 pages (144 KiB): two fit in 360k, not three.
+    ckpts = tmpfs("disk", "360k") / "checkpoints"
+    args = ["model=linear", "trainer.max_steps=30", "checkpoint.every_steps=5",
+            "checkpoint.keep_last=10", f"checkpoint.dir={ckpts}", "logger.plots=false",
+            f"dist.init_method=file://{tmp_path}/store", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    procs = [start(cli_cmd(*args), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=90)[0] for p in procs]  # no rank is left waiting
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [2, 2], outs[0][-3000:] + outs[1][-3000:]
+    assert "Traceback" not in outs[0] + outs[1]
+    assert error_lines(outs[0]) == [
+        f"error: cannot write {ckpts}/step_000000015: {NO_SPACE}; free space (or quota) on the "
+        f"filesystem of {ckpts}, or set checkpoint.dir=<a writable directory with room>"
+    ]
+    assert error_lines(outs[1]) == []  # said once, by rank 0
+    assert leftovers(ckpts) == []
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["step_000000005", "step_000000010"]
+    for path in ckpts.iterdir():
+        verify(path)
+
+
 def test_a_full_disk_under_the_run_dir_names_the_file(tmp_path, tmpfs):
     # metrics.jsonl rows (~200 bytes each) fill one page of tmpfs within 40 steps.
     run = tmpfs("run", "4k")
@@ -165,6 +193,27 @@ def test_a_full_disk_under_the_run_dir_names_the_file(tmp_path, tmpfs):
     assert str(e.value) == (
         f"cannot write {run}/metrics.jsonl: {NO_SPACE}; free space (or quota) on the filesystem "
         f"of {run}, or set hydra.run.dir=<a writable directory with room>"
+    )
+
+
+def test_a_refused_atomic_write_leaves_no_temporary_file(tmpfs):
+    disk = tmpfs("disk", "8k")
+    (disk / "filler").write_bytes(b"x" * 8192)  # the disk is full
+    with pytest.raises(UserError) as e:
+        atomic_save_json({"step": 1}, disk / "summary.json")
+    assert str(e.value).startswith(f"cannot write {disk}/summary.json: {NO_SPACE}; free space")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_a_read_only_checkpoint_dir_is_one_line(tmp_path, tmpfs):
+    ro = tmpfs("ro", "64k")
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    with pytest.raises(UserError) as e:
+        train(tmp_path, "trainer.max_steps=5", f"checkpoint.dir={ro}/ckpt")
+    assert str(e.value) == (
+        f"cannot write {ro}/ckpt/step_000000005: {os.strerror(errno.EROFS)}; {ro}/ckpt is on a "
+        "read-only filesystem: remount it read-write, or set checkpoint.dir=<a writable "
+        "directory with room>"
     )
 
 

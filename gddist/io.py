@@ -57,9 +57,12 @@ def is_disk_error(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def disk_errors(path: Path | str, key: str = "hydra.run.dir") -> Iterator[None]:
-    """Turn an OSError in DISK_ERRNOS raised inside into a DiskError naming `path` (or the file
-    the OS named) and `key`; a DiskError from inside keeps its path and gets `key`."""
+def disk_errors(
+    path: Path | str, key: str = "hydra.run.dir", name_os_file: bool = True
+) -> Iterator[None]:
+    """Turn an OSError in DISK_ERRNOS raised inside into a DiskError naming `path` (or, with
+    `name_os_file`, the file the OS named) and `key`; a DiskError from inside keeps its path and
+    gets `key`."""
     try:
         yield
     except DiskError as e:
@@ -69,7 +72,8 @@ def disk_errors(path: Path | str, key: str = "hydra.run.dir") -> Iterator[None]:
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
-        raise DiskError(e.filename or path, e.errno, key) from None
+        named = e.filename if name_os_file and e.filename else path
+        raise DiskError(named, e.errno, key) from None
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -80,7 +84,7 @@ def atomic_write(path: Path, write: Any) -> None:
     temporary file is removed whatever goes wrong.
     """
     path = Path(path)
-    with disk_errors(path):
+    with disk_errors(path, name_os_file=False):  # `path`, not the name of its temporary file
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temp(path)
         try:

@@ -140,11 +140,14 @@ def test_pruning_counts_only_verified_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_complete_ones(tmp_path, tmpfs):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_complete_ones(
+    tmp_path, tmpfs, async_save
+):
     # A checkpoint of model=linear takes 24 pages of tmpfs (96 KiB): two fit in 240k, not three.
     ckpts = tmpfs("disk", "240k") / "checkpoints"
     proc = cli("model=linear", "trainer.max_steps=30", "checkpoint.every_steps=5",
-               "checkpoint.keep_last=10", f"checkpoint.dir={ckpts}",
+               "checkpoint.keep_last=10", f"checkpoint.dir={ckpts}", f"checkpoint.async={async_save}",
                f"hydra.run.dir={tmp_path / 'run'}", "logger.plots=false")  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

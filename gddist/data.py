@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from gddist.config import DataConfig, UserError
+from gddist.io import atomic_save_json
 
 if TYPE_CHECKING:
     from gddist.npydata import NpyData
@@ -79,7 +80,8 @@ class Preprocessing:
         return torch.cat(parts, dim=1).float()
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        """Write atomically: a crash leaves the old file or the new one, never half of one."""
+        atomic_save_json(asdict(self), path)
 
     @classmethod
     def load(cls, path: Path) -> Preprocessing:

@@ -1,7 +1,9 @@
 """Crash-safe file writes: write a temporary file in the same directory, fsync, rename into place.
 
 A reader sees either the old file or the complete new one, never a half-written file (rename is
-atomic within a filesystem).
+atomic within a filesystem). A write the OS refuses (full disk, quota, permissions, read-only
+filesystem) is a `DiskError`: one line naming the path, the cause and the fix, and no temporary
+file is left behind.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,21 +22,90 @@ from typing import Any
 
 import torch
 
+from gddist.config import UserError
+
+log = logging.getLogger("gddist")
+
+# What the OS says when a write cannot succeed whatever the program does: the user must act.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+class DiskError(UserError):
+    """A write the OS refused for a reason the user must fix (DISK_ERRNOS): one line naming the
+    path, the cause (strerror) and the fix; `key` is the setting that moves the output."""
+
+    def __init__(
+        self, path: Path | str, code: int, key: str = "hydra.run.dir", where: Path | None = None
+    ) -> None:
+        self.path, self.errno, self.key = Path(path), code, key
+        if where is None:  # the directory whose filesystem is at fault
+            where = self.path if self.path.is_dir() else self.path.parent
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"free space (or quota) on the filesystem of {where}"
+        elif code == errno.EROFS:
+            fix = f"{where} is on a read-only filesystem: remount it read-write"
+        else:
+            fix = f"make {where} writable by this user"
+        super().__init__(
+            f"cannot write {path}: {os.strerror(code)}; {fix}, or set {key}=<a writable "
+            "directory with room>"
+        )
+
+
+def is_disk_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_ERRNOS
+
+
+@contextlib.contextmanager
+def disk_errors(
+    path: Path | str, key: str = "hydra.run.dir", name_os_file: bool = True
+) -> Iterator[None]:
+    """Turn an OSError in DISK_ERRNOS raised inside into a DiskError naming `path` (or, with
+    `name_os_file`, the file the OS named) and `key`; a DiskError from inside keeps its path and
+    gets `key`."""
+    try:
+        yield
+    except DiskError as e:
+        if e.key == key:
+            raise
+        raise DiskError(e.path, e.errno, key) from None
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        named = e.filename if name_os_file and e.filename else path
+        raise DiskError(named, e.errno, key) from None
+
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(file_object)` on a temp file next to `path`, then atomically replace `path`."""
+    """Call `write(file_object)` on a temp file next to `path`, then atomically replace `path`.
+
+    The file gets the mode a plain open() gives (0666 less the umask: the kernel applies it),
+    not mkstemp's 0600. A refused write (DISK_ERRNOS) raises DiskError naming `path`; the
+    temporary file is removed whatever goes wrong.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_errors(path, name_os_file=False):  # `path`, not the name of its temporary file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty `.NAME.RANDOM.tmp` next to `path`, opened for writing."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # a name drawn twice: draw again
+            continue
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -226,11 +297,62 @@ def atomic_save_json(obj: Any, path: Path) -> None:
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop the rows of a JSONL log whose "step" is beyond `max_step` (atomically)."""
+    """Drop the rows of a JSONL log whose "step" is beyond `max_step` (atomically).
+
+    The log is appended without fsync, so a crash of the node can tear its LAST line (a row cut
+    short, or bytes of zeros): that line is dropped with a warning. An undecodable line anywhere
+    else is no crash's doing (someone edited the file, or the disk corrupted it): a UserError
+    names the file and the line number, and nothing is changed. The file always ends with a
+    newline afterwards.
+    """
     path = Path(path)
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
-    if len(keep) != len(lines):
+    with disk_errors(path):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")  # the rows as written: "\n" ends each one
+    if lines[-1] == "":
+        lines.pop()
+    keep = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row.get("step", 0)
+        except (ValueError, AttributeError):
+            if number < len(lines):
+                raise UserError(
+                    f"{path} line {number} is not a JSON row: fix or delete that line (or move "
+                    "the file away to start the log afresh), then rerun"
+                ) from None
+            log.warning("%s: dropping its torn last line (%d bytes)", path, len(line))
+            continue
+        if step <= max_step:
+            keep.append(line)
+    if len(keep) != len(lines) or (text and not text.endswith("\n")):
         atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
+
+
+def repair_jsonl_tail(path: Path) -> None:
+    """Before appending to a JSONL log: if it does not end with a newline (a torn write), drop
+    the torn fragment after its last newline, or end a complete last row with its newline, so
+    the next row starts on a line of its own."""
+    path = Path(path)
+    with disk_errors(path):
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            data = f.read()
+            cut = data.rfind(b"\n") + 1  # 0: the fragment is the whole file
+            try:
+                json.loads(data[cut:])
+            except ValueError:
+                log.warning("%s: dropping its torn last line (%d bytes)", path, len(data) - cut)
+                f.truncate(cut)
+            else:
+                f.write(b"\n")

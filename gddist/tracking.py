@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from gddist import progress
 from gddist.config import LoggerConfig
+from gddist.io import disk_errors, repair_jsonl_tail
 
 
 class Tracker:
@@ -41,7 +42,11 @@ class Tracker:
         stream: TextIO | None = None,
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = self.path.open("a", encoding="utf-8")
+        repair_jsonl_tail(self.path)  # a row torn by a crash must not swallow the next one
+        with disk_errors(self.path):
+            # Unbuffered: each row is one write, and nothing is left in a buffer to be flushed
+            # (and fail again) at exit after a refused write.
+            self._file = self.path.open("ab", buffering=0)
         if total_steps is None and "trainer" in config:  # the resolved run config
             total_steps = config["trainer"]["max_steps"]
         # Progress before wandb: wandb wraps sys.stdout, and the bar/lines choice looks at it.
@@ -54,8 +59,13 @@ class Tracker:
         return self._wandb.id if self._wandb else None
 
     def log(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
-        self._file.flush()
+        """Append one row (a single write of a whole line: a crash can tear only the last one).
+        A write the OS refuses (full disk...) is a DiskError naming metrics.jsonl."""
+        text = json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n"
+        with disk_errors(self.path):
+            line = memoryview(text.encode())
+            while line:
+                line = line[self._file.write(line) :]
         self.progress.update(row)
         if self._wandb:
             self._wandb.log(row)

@@ -30,7 +30,7 @@ from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
 from gddist.data import GlobalBatches, TensorData
 from gddist.dist import Dist
-from gddist.io import atomic_save_json, atomic_torch_save, truncate_jsonl
+from gddist.io import atomic_save_json, atomic_torch_save, disk_errors, truncate_jsonl
 from gddist.metrics import Evaluator, task_loss
 from gddist.npydata import NpyData
 from gddist.optim import Penalty, build_optimizer, build_scheduler, is_constant, is_plateau
@@ -298,15 +298,17 @@ class Trainer:
         if self.dist.is_main:
             # model.pt is the FINAL model: not written for a diverged run (non-finite weights) nor
             # for one stopped by a signal (its checkpoint resumes it; the resumed run writes it).
-            if divergence is None and self.stop_signal is None:
-                state = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
-                atomic_torch_save(state, self.run_dir / "model.pt")
-            self.data.preprocessing.save(self.run_dir / "preprocessing.json")
-            atomic_save_json(summary, self.run_dir / "summary.json")
-            if self.cfg.logger.plots:
-                from gddist.plots import plot_run  # lazy: matplotlib is a second of imports
+            with disk_errors(self.run_dir):  # a full disk is one line, not a traceback
+                if divergence is None and self.stop_signal is None:
+                    weights = self.engine.module.state_dict().items()
+                    state = {k: v.detach().cpu() for k, v in weights}
+                    atomic_torch_save(state, self.run_dir / "model.pt")
+                self.data.preprocessing.save(self.run_dir / "preprocessing.json")
+                atomic_save_json(summary, self.run_dir / "summary.json")
+                if self.cfg.logger.plots:
+                    from gddist.plots import plot_run  # lazy: matplotlib is a second of imports
 
-                plot_run(self.run_dir, self.cfg.to_dict())
+                    plot_run(self.run_dir, self.cfg.to_dict())
         self.tracker.finish(summary)
         self.tracker.close()
         return summary

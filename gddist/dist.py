@@ -38,6 +38,7 @@ class LaunchEnv:
     local_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
+    local_world_size: int | None = None  # processes on this node; None where the launcher is mute
 
 
 def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -48,6 +49,7 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             rank=int(env["RANK"]),
             world_size=int(env["WORLD_SIZE"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else None,
         )
     # SLURM_STEP_ID is set by srun only: a batch script's own shell (no srun) is one process even
     # when the allocation has --ntasks > 1.
@@ -61,8 +63,25 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
             master_port=int(port),
+            local_world_size=slurm_tasks_on_node(env),
         )
     return LaunchEnv(launcher="none")
+
+
+def slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
+    """Tasks of this job step on this node, from SLURM's compressed per-node counts
+    ('2(x3),1': 2 on each of the first 3 nodes, 1 on the 4th) and SLURM_NODEID; None if absent."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    counts: list[int] = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not match:
+            return None
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if 0 <= node < len(counts) else None
 
 
 def slurm_port(job_id: int) -> int:

@@ -128,13 +128,52 @@ class PeerFailure(Exception):
     """Another rank died or stopped answering: this rank cannot go on (exit code 4)."""
 
 
+# What a collective raises when another process is gone or silent. gloo: its socket errors and
+# timeouts. NCCL (with the error handling `nccl_error_handling` sets): the watchdog aborts the
+# communicators on a timeout or a peer's network error, and the next collective raises
+# "NCCL communicator was aborted"; a blocking wait (TORCH_NCCL_BLOCKING_WAIT=1) raises the timeout.
+PEER_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out",
+    "gloo",
+    "NCCL communicator was aborted",
+    "Watchdog caught collective operation timeout",
+    "timed out in blocking wait",
+    "ncclRemoteError",
+)
+# NCCL errors of this process itself (two ranks on one GPU, a bad argument): not a peer's fault,
+# so they keep their traceback.
+LOCAL_NCCL_ERRORS = ("ncclInvalidUsage", "ncclInvalidArgument", "Duplicate GPU detected")
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because of another process."""
+    text = str(error)
+    if any(m in text for m in LOCAL_NCCL_ERRORS):
+        return False
     if isinstance(error, tdist.DistError):
         return True
-    text = str(error)
-    markers = ("Connection closed by peer", "Connection reset by peer", "Timed out", "gloo")
-    return isinstance(error, RuntimeError) and any(m in text for m in markers)
+    return isinstance(error, RuntimeError) and any(m in text for m in PEER_MARKERS)
+
+
+def nccl_error_handling(environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Make a failed NCCL collective an exception in Python (exit code 4), not a killed process.
+
+    By default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3; torchrun exports 1) NCCL's watchdog thread
+    tears the whole process down (SIGABRT, no message of ours) when a collective times out or a
+    peer's connection fails. Mode 2 only aborts the NCCL communicators: the stuck kernel returns
+    and the next collective raises DistBackendError ("NCCL communicator was aborted"), which
+    gddist reports as a peer failure. Nothing that ran after the abort is saved: every checkpoint
+    starts with a collective. Read by ProcessGroupNCCL when the group is created, so this runs
+    before init_process_group. Left alone: an explicit 0 or 2, and TORCH_NCCL_BLOCKING_WAIT
+    (which takes precedence in torch and raises the timeout from wait() itself).
+    """
+    if environ.get("TORCH_NCCL_BLOCKING_WAIT", "0").lower() in ("1", "true", "yes", "on"):
+        return
+    if environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") in ("0", "2"):
+        return
+    environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
 
 
 class Dist:
@@ -240,6 +279,8 @@ def init(cfg: DistConfig, env: LaunchEnv) -> Dist:
         if env.launcher == "slurm" and cfg.init_method == "env://":
             os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if backend == "nccl":
+            nccl_error_handling()
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         store, _, _ = next(
             tdist.rendezvous(cfg.init_method, env.rank, env.world_size, timeout=timeout)

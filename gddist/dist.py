@@ -18,7 +18,7 @@ import datetime
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +157,7 @@ def is_peer_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(m in text for m in PEER_MARKERS)
 
 
-def nccl_error_handling(environ: dict[str, str] | os._Environ = os.environ) -> None:
+def nccl_error_handling(environ: MutableMapping[str, str] = os.environ) -> None:
     """Make a failed NCCL collective an exception in Python (exit code 4), not a killed process.
 
     By default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3; torchrun exports 1) NCCL's watchdog thread

@@ -165,9 +165,13 @@ def nccl_error_handling(environ: MutableMapping[str, str] = os.environ) -> None:
     peer's connection fails. Mode 2 only aborts the NCCL communicators: the stuck kernel returns
     and the next collective raises DistBackendError ("NCCL communicator was aborted"), which
     gddist reports as a peer failure. Nothing that ran after the abort is saved: every checkpoint
-    starts with a collective. Read by ProcessGroupNCCL when the group is created, so this runs
-    before init_process_group. Left alone: an explicit 0 or 2, and TORCH_NCCL_BLOCKING_WAIT
-    (which takes precedence in torch and raises the timeout from wait() itself).
+    starts with a collective. Recent torch first gives a flight-recorder dump time
+    (4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC, a minute by default), so exit 4 comes about
+    dist.timeout_s + 60 s after the hang; its heartbeat monitor would kill a process that has not
+    shut the group down TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC later, and gddist closes it at once.
+    Read by ProcessGroupNCCL when the group is created, so this runs before init_process_group.
+    Left alone: an explicit 0 or 2, and TORCH_NCCL_BLOCKING_WAIT (which takes precedence in torch
+    and raises the timeout from wait() itself).
     """
     if environ.get("TORCH_NCCL_BLOCKING_WAIT", "0").lower() in ("1", "true", "yes", "on"):
         return

@@ -179,13 +179,16 @@ def test_torchrun_two_gpus_with_nccl_trains_like_one_process(tmp_path):
 @pytest.mark.parametrize("fault", ["hang", "die"])
 def test_nccl_peer_that_hangs_or_dies_ends_the_other_with_exit_code_4(tmp_path, fault):
     """NCCL's watchdog would kill rank 0 (SIGABRT, no message); gddist has it abort the
-    communicators instead, so rank 0 reports the peer in one line and exits 4."""
+    communicators instead, so rank 0 reports the peer in one line and exits 4. Recent torch
+    waits 4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC (15 s) for a flight-recorder dump before the
+    abort; 1 s here keeps the test short (a user's run just exits a minute later)."""
     args = ["model=custom", "model._target_=models_for_tests.FaultyNet", f"+model.fault={fault}"]
     args += ["trainer.max_steps=50", "dist.timeout_s=10", "dist.backend=nccl", *CUDA]
     args += [f"dist.init_method=file://{tmp_path}/store", f"hydra.run.dir={tmp_path / 'run'}"]
-    procs = [start(cli_cmd(*args), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)) for r in (0, 1)]
+    env = {"WORLD_SIZE": "2", "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "1000"}
+    procs = [start(cli_cmd(*args), RANK=str(r), LOCAL_RANK=str(r), **env) for r in (0, 1)]
     try:
-        out, _ = procs[0].communicate(timeout=120)  # NCCL init + 10 s timeout + 3 s roll call
+        out, _ = procs[0].communicate(timeout=150)  # NCCL init, 10 s timeout, 4 s dump wait
         assert procs[0].returncode == 4, out[-4000:]
         assert "error: rank 0: rank(s) 1 died or did not answer within dist.timeout_s=10s" in out
         assert "Traceback" not in out

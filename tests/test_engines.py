@@ -28,7 +28,7 @@ from test_distributed import _fit_worker
 from gddist.checkpoint import verify
 from gddist.config import Config, UserError
 from gddist.data import build as build_data
-from gddist.dist import detect_launch, init
+from gddist.dist import detect_launch, init, slurm_tasks_on_node
 from gddist.engine import check_accelerate_world
 from gddist.trainer import Trainer
 
@@ -126,6 +126,20 @@ def test_accelerate_engine_under_srun_variables_sees_both_ranks_and_trains_like_
         )
     assert max_weight_diff(ranks[0]["state"], load_model(tmp_path / "one")) < 1e-5
     assert max_weight_diff(ranks[0]["state"], ranks[1]["state"]) == 0
+
+
+@pytest.mark.parametrize(
+    "env, tasks",
+    [
+        ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "1"}, 2),
+        ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 1),
+        ({"SLURM_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}, 4),
+        ({}, None),  # unknown: not exported to Accelerate
+    ],
+)
+def test_srun_tasks_on_this_node_come_from_slurms_compressed_counts(env, tasks):
+    """LOCAL_WORLD_SIZE as Accelerate is shown it under srun."""
+    assert slurm_tasks_on_node(env) == tasks
 
 
 @pytest.mark.slow

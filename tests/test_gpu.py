@@ -60,8 +60,9 @@ BASE = ["model=mlp", "optimizer=adam", "trainer.max_steps=40", "trainer.log_ever
 BASE += ["trainer.eval_every=20", "checkpoint.every_steps=20", *CUDA]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def deterministic():
+    """For the whole module, so that module fixtures (the fp32 reference run) train under it too."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)

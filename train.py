@@ -30,10 +30,13 @@ from gddist.config import UserError  # noqa: E402
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-@record  # under torchrun, the failing rank's traceback reaches the launcher's report
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    task(cfg)
+    # `record` goes on the task body, inside Hydra: Hydra turns any exception into a report and
+    # SystemExit(1), which `record` lets pass unrecorded. Here it sees the exception itself and,
+    # under torchrun, writes it to the worker's error file, so the launcher's failure report
+    # carries the failing rank's traceback. One-line errors (exit 2, 4) are SystemExits: unchanged.
+    record(task)(cfg)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import datetime
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ class LaunchEnv:
     local_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
+    local_world_size: int | None = None  # processes on this node; None where the launcher is mute
 
 
 def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -48,6 +49,7 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             rank=int(env["RANK"]),
             world_size=int(env["WORLD_SIZE"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in env else None,
         )
     # SLURM_STEP_ID is set by srun only: a batch script's own shell (no srun) is one process even
     # when the allocation has --ntasks > 1.
@@ -61,8 +63,25 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
             master_port=int(port),
+            local_world_size=slurm_tasks_on_node(env),
         )
     return LaunchEnv(launcher="none")
+
+
+def slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
+    """Tasks of this job step on this node, from SLURM's compressed per-node counts
+    ('2(x3),1': 2 on each of the first 3 nodes, 1 on the 4th) and SLURM_NODEID; None if absent."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    counts: list[int] = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not match:
+            return None
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if 0 <= node < len(counts) else None
 
 
 def slurm_port(job_id: int) -> int:
@@ -109,13 +128,56 @@ class PeerFailure(Exception):
     """Another rank died or stopped answering: this rank cannot go on (exit code 4)."""
 
 
+# What a collective raises when another process is gone or silent. gloo: its socket errors and
+# timeouts. NCCL (with the error handling `nccl_error_handling` sets): the watchdog aborts the
+# communicators on a timeout or a peer's network error, and the next collective raises
+# "NCCL communicator was aborted"; a blocking wait (TORCH_NCCL_BLOCKING_WAIT=1) raises the timeout.
+PEER_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out",
+    "gloo",
+    "NCCL communicator was aborted",
+    "Watchdog caught collective operation timeout",
+    "timed out in blocking wait",
+    "ncclRemoteError",
+)
+# NCCL errors of this process itself (two ranks on one GPU, a bad argument): not a peer's fault,
+# so they keep their traceback.
+LOCAL_NCCL_ERRORS = ("ncclInvalidUsage", "ncclInvalidArgument", "Duplicate GPU detected")
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because of another process."""
+    text = str(error)
+    if any(m in text for m in LOCAL_NCCL_ERRORS):
+        return False
     if isinstance(error, tdist.DistError):
         return True
-    text = str(error)
-    markers = ("Connection closed by peer", "Connection reset by peer", "Timed out", "gloo")
-    return isinstance(error, RuntimeError) and any(m in text for m in markers)
+    return isinstance(error, RuntimeError) and any(m in text for m in PEER_MARKERS)
+
+
+def nccl_error_handling(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Make a failed NCCL collective an exception in Python (exit code 4), not a killed process.
+
+    By default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3; torchrun exports 1) NCCL's watchdog thread
+    tears the whole process down (SIGABRT, no message of ours) when a collective times out or a
+    peer's connection fails. Mode 2 only aborts the NCCL communicators: the stuck kernel returns
+    and the next collective raises DistBackendError ("NCCL communicator was aborted"), which
+    gddist reports as a peer failure. Nothing that ran after the abort is saved: every checkpoint
+    starts with a collective. Recent torch first gives a flight-recorder dump time
+    (4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC, a minute by default), so exit 4 comes about
+    dist.timeout_s + 60 s after the hang; its heartbeat monitor would kill a process that has not
+    shut the group down TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC later, and gddist closes it at once.
+    Read by ProcessGroupNCCL when the group is created, so this runs before init_process_group.
+    Left alone: an explicit 0 or 2, and TORCH_NCCL_BLOCKING_WAIT (which takes precedence in torch
+    and raises the timeout from wait() itself).
+    """
+    if environ.get("TORCH_NCCL_BLOCKING_WAIT", "0").lower() in ("1", "true", "yes", "on"):
+        return
+    if environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") in ("0", "2"):
+        return
+    environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
 
 
 class Dist:
@@ -221,6 +283,8 @@ def init(cfg: DistConfig, env: LaunchEnv) -> Dist:
         if env.launcher == "slurm" and cfg.init_method == "env://":
             os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if backend == "nccl":
+            nccl_error_handling()
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         store, _, _ = next(
             tdist.rendezvous(cfg.init_method, env.rank, env.world_size, timeout=timeout)

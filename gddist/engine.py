@@ -21,7 +21,8 @@ without gradient sync, so gradients are all-reduced once per optimizer step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gddist.config import Config, UserError
-from gddist.dist import Dist
+from gddist.dist import Dist, LaunchEnv
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Compiler = Callable[[nn.Module], nn.Module]
@@ -146,9 +147,61 @@ class DDPEngine:
             self.scaler.load_state_dict(state["scaler"])
 
 
+@contextlib.contextmanager
+def torchrun_style_env(env: LaunchEnv) -> Iterator[None]:
+    """Within the block, the process's place in the job as torchrun would export it (RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), whatever launched it.
+
+    Accelerate's PartialState recognizes a distributed run by these variables only: under srun
+    (SLURM_* only) it would see a world of one, wrap nothing in DDP and never sync gradients, each
+    rank training on its own. A world of one is left alone (exporting LOCAL_RANK would make
+    Accelerate start a process group of its own on CUDA). The previous values come back on exit,
+    so a later detect_launch() still sees the real launcher.
+    """
+    if env.world_size <= 1:
+        yield
+        return
+    wanted = {
+        "RANK": env.rank,
+        "WORLD_SIZE": env.world_size,
+        "LOCAL_RANK": env.local_rank,
+        "LOCAL_WORLD_SIZE": env.local_world_size,
+        "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": env.master_port,
+    }
+    # The group is already joined: MASTER_* only keep Accelerate's sanity checks quiet, so a
+    # launcher's own values win over ours.
+    keep = ("MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in wanted}
+    try:
+        for key, value in wanted.items():
+            if value is not None and not (key in keep and os.environ.get(key)):
+                os.environ[key] = str(value)
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def check_accelerate_world(accelerator: Any, dist: Dist) -> None:
+    """Accelerate must see the process group gddist joined, else ranks would train apart."""
+    seen = (accelerator.process_index, accelerator.num_processes)
+    if seen != (dist.rank, dist.world_size):
+        raise UserError(
+            f"engine=accelerate: Accelerate sees process {seen[0]} of {seen[1]}, but the "
+            f"launcher ({dist.env.launcher}) started rank {dist.rank} of {dist.world_size}; "
+            "unset ACCELERATE_* variables that disagree with the launch, or use engine=ddp"
+        )
+
+
 class AccelerateEngine:
     """The same seam through `accelerate.Accelerator` (prepare, backward, clip, no_sync,
-    autocast). gddist has already joined the process group; Accelerate reuses it."""
+    autocast). gddist has already joined the process group; Accelerate reuses it, and is shown
+    the launch as torchrun exports it (torchrun_style_env), so it sees the same ranks under any
+    launcher (torchrun, srun, submitit)."""
 
     def __init__(
         self, model: nn.Module, dist: Dist, precision: str, compiler: Compiler | None
@@ -158,7 +211,9 @@ class AccelerateEngine:
 
         AcceleratorState._reset_state(True)  # one Accelerator per run, also for runs in-process
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-        self.accelerator = Accelerator(cpu=dist.device.type == "cpu", mixed_precision=mixed)
+        with torchrun_style_env(dist.env):
+            self.accelerator = Accelerator(cpu=dist.device.type == "cpu", mixed_precision=mixed)
+        check_accelerate_world(self.accelerator, dist)
         self.module = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.model = self.accelerator.prepare_model(model, device_placement=False)

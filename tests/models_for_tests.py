@@ -36,8 +36,8 @@ class SpikyNet(nn.Module):
 
 
 class FaultyNet(nn.Module):
-    """A linear model whose process of rank `rank` hangs or dies at its `at_call`-th training
-    forward pass: for tests of what the other ranks do."""
+    """A linear model whose process of rank `rank` hangs, dies or raises at its `at_call`-th
+    training forward pass: for tests of what the other ranks and the launcher do."""
 
     def __init__(
         self,
@@ -58,6 +58,8 @@ class FaultyNet(nn.Module):
             if self.calls == self.at_call:
                 if self.fault == "die":
                     os._exit(1)
+                if self.fault == "raise":
+                    raise RuntimeError(f"FaultyNet: forward pass {self.calls} failed on purpose")
                 time.sleep(600)
         return self.linear(x)
 

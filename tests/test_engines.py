@@ -13,6 +13,7 @@ from helpers import (
     clean_env,
     cli,
     cli_cmd,
+    compose,
     load_model,
     max_weight_diff,
     rows,
@@ -25,6 +26,11 @@ from helpers import (
 from test_distributed import _fit_worker
 
 from gddist.checkpoint import verify
+from gddist.config import Config, UserError
+from gddist.data import build as build_data
+from gddist.dist import detect_launch, init, slurm_tasks_on_node
+from gddist.engine import check_accelerate_world
+from gddist.trainer import Trainer
 
 
 @pytest.mark.slow
@@ -45,6 +51,95 @@ def test_ddp_and_accelerate_engines_give_the_same_losses_on_two_processes(tmp_pa
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
     assert max_weight_diff(ddp[0]["state"], acc[0]["state"]) < 1e-5
     assert acc[0]["allreduces"] == 20  # one gradient all-reduce per optimizer step, as with ddp
+
+
+TORCHRUN_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _srun_accelerate_worker(rank, init_method, run_dir, overrides):
+    """A process as srun starts it (SLURM_* variables only), training with engine=accelerate."""
+    for key in TORCHRUN_VARS:
+        os.environ.pop(key, None)
+    os.environ.update(
+        SLURM_STEP_ID="0",
+        SLURM_JOB_ID="7",
+        SLURM_NTASKS="2",
+        SLURM_PROCID=str(rank),
+        SLURM_LOCALID=str(rank),
+        SLURM_NODEID="0",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_STEP_TASKS_PER_NODE="2",
+    )
+    cfg = Config.from_dict(compose(*overrides))
+    cfg.dist.init_method = init_method
+    launch = detect_launch()
+    dist = init(cfg.dist, launch)
+    try:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        # What Accelerate makes of this process on its own: a world of one. The guard refuses it.
+        AcceleratorState._reset_state(True)
+        try:
+            check_accelerate_world(Accelerator(cpu=True), dist)
+            refused = None
+        except UserError as e:
+            refused = str(e)
+        trainer = Trainer(cfg, build_data(cfg.data, cfg.seed), dist, run_dir)
+        acc = trainer.engine.accelerator
+        trainer.fit()
+        return {
+            "launch": launch,
+            "seen": (acc.process_index, acc.num_processes, acc.local_process_index),
+            "refused": refused,
+            "rank_env_after": os.environ.get("RANK"),  # restored: the launcher is still srun
+            "state": {k: v.clone() for k, v in trainer.engine.module.state_dict().items()},
+        }
+    finally:
+        dist.close()
+
+
+@pytest.mark.slow
+def test_accelerate_engine_under_srun_variables_sees_both_ranks_and_trains_like_one_process(
+    tmp_path,
+):
+    """With only SLURM_* variables (srun, submitit), Accelerate is shown gddist's launch: it sees
+    2 processes and syncs gradients, so the weights are those of one process on the whole batch."""
+    args = ["engine=accelerate", "model=mlp", "trainer.max_steps=20", "trainer.eval_every=0"]
+    ranks = spawn(_srun_accelerate_worker, 2, tmp_path, tmp_path / "two", args)
+    train(tmp_path / "one", *args)
+    for rank, out in enumerate(ranks):
+        assert out["launch"].launcher == "slurm" and out["launch"].local_world_size == 2
+        assert out["seen"] == (rank, 2, rank)
+        assert out["rank_env_after"] is None
+        assert out["refused"] == (
+            f"engine=accelerate: Accelerate sees process 0 of 1, but the launcher (slurm) started "
+            f"rank {rank} of 2; unset ACCELERATE_* variables that disagree with the launch, "
+            "or use engine=ddp"
+        )
+    assert max_weight_diff(ranks[0]["state"], load_model(tmp_path / "one")) < 1e-5
+    assert max_weight_diff(ranks[0]["state"], ranks[1]["state"]) == 0
+
+
+@pytest.mark.parametrize(
+    "env, tasks",
+    [
+        ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "1"}, 2),
+        ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 1),
+        ({"SLURM_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}, 4),
+        ({}, None),  # unknown: not exported to Accelerate
+    ],
+)
+def test_srun_tasks_on_this_node_come_from_slurms_compressed_counts(env, tasks):
+    """LOCAL_WORLD_SIZE as Accelerate is shown it under srun."""
+    assert slurm_tasks_on_node(env) == tasks
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
 """Tier 4 on a real SLURM: the launch scripts end to end, on a single-node cluster this module
 starts (tests/slurm_cluster.py). Each job runs 2 gloo processes and must end with the weights of a
 plain single-process run (within 1e-5): launch/slurm.sbatch (torchrun per node, c10d rendezvous),
-launch/slurm_srun.sbatch (one task per process); a job sent SIGUSR1 must checkpoint, requeue
-itself, resume and end with those weights too (and the signal must reach every training process,
-whichever script and whichever way SLURM delivers it); a multirun sweep with hydra/launcher=slurm
-must go out as SLURM jobs.
+launch/slurm_srun.sbatch (one task per process; engine=ddp and engine=accelerate); a job sent
+SIGUSR1 must checkpoint, requeue itself, resume and end with those weights too (and the signal
+must reach every training process, whichever script and whichever way SLURM delivers it); a
+multirun sweep with hydra/launcher=slurm must go out as SLURM jobs.
 
 Skipped (with the reason) where SLURM is not installed or we are not root; under CI=true that is a
 failure instead, since CI installs the packages (.ci/run).
@@ -112,6 +112,18 @@ def test_two_sruns_of_one_job_are_two_runs(slurm, reference, tmp_path):
         assert max_weight_diff(load_model(run_dir), reference) < 1e-5
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert "complete at step" not in log and log.count(": fresh start") == 2, log[-3000:]
+
+
+def test_sbatch_srun_accelerate_engine_trains_like_one_process(slurm, reference, tmp_path):
+    """engine=accelerate under srun (SLURM_* variables only): Accelerate sees the 2 tasks as one
+    world and syncs their gradients, instead of each task training alone on its shard."""
+    job = submit(
+        slurm, tmp_path, "slurm_srun.sbatch", *ARGS, "engine=accelerate", sbatch_args=["--ntasks=2"]
+    )
+    slurm.wait_done(job)
+    run_dir = run_dir_of(tmp_path, job)
+    assert world_size_of_last_checkpoint(run_dir) == 2
+    assert max_weight_diff(load_model(run_dir), reference) < 1e-5
 
 
 PREEMPT_STEPS = 60

@@ -60,3 +60,23 @@ class FaultyNet(nn.Module):
                     os._exit(1)
                 time.sleep(600)
         return self.linear(x)
+
+
+class SlowNet(nn.Module):
+    """A linear model that sleeps `train_sleep_s` in each training forward pass and
+    `eval_sleep_s` in each evaluation forward pass: slow steps or slow evaluations on purpose."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        train_sleep_s: float = 0.0,
+        eval_sleep_s: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.train_sleep_s, self.eval_sleep_s = train_sleep_s, eval_sleep_s
+
+    def forward(self, x):
+        time.sleep(self.train_sleep_s if self.training else self.eval_sleep_s)
+        return self.linear(x)

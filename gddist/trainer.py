@@ -29,7 +29,7 @@ from gddist.config import Config, UserError
 from gddist.data import GlobalBatches, TensorData
 from gddist.dist import Dist
 from gddist.io import atomic_save_json, atomic_torch_save, truncate_jsonl
-from gddist.metrics import Evaluator, shard_bounds, task_loss
+from gddist.metrics import Evaluator, check_monitor, shard_bounds, task_loss
 from gddist.npydata import NpyData
 from gddist.optim import Penalty, build_optimizer, build_scheduler, horizon, is_constant, is_plateau
 from gddist.pending import Diverged
@@ -68,6 +68,7 @@ class Trainer:
             dist.device,
             self.max_steps,
         )
+        check_monitor(cfg.early_stopping, data.task)  # as gddist.run does, for direct callers
         n_val = data.num_rows("val")
         if n_val < dist.world_size:
             raise UserError(
@@ -365,11 +366,6 @@ class Trainer:
         es = self.cfg.early_stopping
         if not es.patience:
             return
-        if es.monitor not in metrics:
-            raise UserError(
-                f"early_stopping.monitor={es.monitor!r} is not a validation metric of this task; "
-                f"choose one of: {', '.join(sorted(metrics))}"
-            )
         value = metrics[es.monitor]
         sign = 1.0 if es.mode == "min" else -1.0
         if self.best_metric is None or sign * (self.best_metric - value) > es.min_delta:

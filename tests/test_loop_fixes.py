@@ -61,7 +61,6 @@ def test_samples_per_s_leaves_out_the_evaluation_time(tmp_path):
 def _vote_until_stopped(rank, init_method, signal_rank, signal_at, step_s, seconds, every):
     from gddist.config import DistConfig
 
-    os.environ["MASTER_ADDR"] = "unused"  # file:// rendezvous
     dist = init(DistConfig(device="cpu", init_method=init_method), LaunchEnv("torchrun", rank, 2))
     vote = StopVote(dist, every, seconds, step=0)
     try:

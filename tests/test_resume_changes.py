@@ -196,3 +196,10 @@ def test_a_checkpoint_from_before_the_new_keys_resumes_bit_identical(tmp_path, c
         train(tmp_path / "b", *base, f"checkpoint.resume={ckpt}")
     assert not [m for m in gddist_lines(caplog) if "->" in m]  # no change to apply or log
     assert_bit_identical(load_model(tmp_path / "a"), load_model(tmp_path / "b"))
+
+
+def test_total_steps_is_validated():
+    with pytest.raises(UserError, match=r"scheduler.total_steps=0 must be > 0"):
+        Config.from_dict(compose("scheduler=cosine", "scheduler.total_steps=0"))
+    with pytest.raises(UserError, match=r"scheduler.total_steps=20 must exceed scheduler.warmup_"):
+        Config.from_dict(compose("scheduler=warmup_cosine", "scheduler.total_steps=20"))

@@ -24,6 +24,7 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     from gddist import rundir
     from gddist.config import Config
     from gddist.engine import check_precision
+    from gddist.metrics import check_monitor
     from gddist.signals import requeue_slurm_job
     from gddist.trainer import Trainer
 
@@ -34,6 +35,7 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     cfg.check_world(env.world_size)
     check_precision(cfg.trainer.precision, dist_mod.pick_device(cfg.dist.device, env.local_rank))
     data = data_mod.build(cfg.data, cfg.seed)
+    check_monitor(cfg.early_stopping, data.task)  # the task's metrics are known from here on
     dist = dist_mod.init(cfg.dist, env)
     lock = None
     try:

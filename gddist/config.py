@@ -173,9 +173,20 @@ class SchedulerConfig:
     factor: float = 0.5  # plateau
     patience: int = 2  # plateau, in evaluations
     threshold: float = 1e-4  # plateau
+    # cosine, warmup_cosine: the optimizer steps the schedule spans (its horizon). null:
+    # the run's max steps when it started; a resume with a larger trainer.max_steps keeps that
+    # horizon (the LR stays continuous) unless this key is set.
+    total_steps: int | None = None
 
     def validate(self) -> None:
         _choice("scheduler", self.name, SCHEDULER_NAMES)
+        if self.total_steps is not None:
+            _positive("scheduler.total_steps", self.total_steps)
+            if self.name in ("cosine", "warmup_cosine") and self.total_steps <= self.warmup_steps:
+                raise UserError(
+                    f"scheduler.total_steps={self.total_steps} must exceed scheduler.warmup_steps="
+                    f"{self.warmup_steps} (the cosine decays over the steps after the warmup)"
+                )
         if self.warmup_steps < 0:
             raise UserError(f"scheduler.warmup_steps={self.warmup_steps} must be >= 0")
         if self.name == "warmup_cosine" and self.warmup_steps == 0:
@@ -216,7 +227,10 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU and CUDA) | fp16 (CUDA, GradScaler)
     compile: bool = False  # torch.compile the model (checkpoints keep plain keys)
     compile_backend: str = "inductor"  # torch.compile backend (eager / aot_eager to debug)
-    stop_check_every: int = 10  # steps between all-reduces that agree on a stop signal (N > 1)
+    # With N > 1 processes, a stop signal is agreed by an all-reduce posted every
+    # stop_check_every steps or every stop_check_s seconds, whichever comes first.
+    stop_check_every: int = 10
+    stop_check_s: float = 5.0
 
     def validate(self) -> None:
         if self.max_steps is None and self.max_epochs is None:
@@ -231,6 +245,7 @@ class TrainerConfig:
         _positive("trainer.grad_accum_steps", self.grad_accum_steps)
         _positive("trainer.log_every", self.log_every)
         _positive("trainer.stop_check_every", self.stop_check_every)
+        _positive("trainer.stop_check_s", self.stop_check_s)
         if self.eval_every < 0:
             raise UserError(f"trainer.eval_every={self.eval_every} must be >= 0 (0: only at end)")
         for key in ("grad_clip_norm", "grad_clip_value"):

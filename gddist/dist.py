@@ -18,7 +18,7 @@ import datetime
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,15 +215,19 @@ class Dist:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.all_reduce_sum(t).item() > 0)
 
-    def max_async(self, value: int) -> Callable[[], int]:
-        """Start an all-reduce MAX of `value`; the returned function waits and gives the result
-        (the same on every rank). Lets a rank keep training while the vote is in flight."""
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+    def max_async(self, values: Sequence[int]) -> Callable[[], list[int]]:
+        """Start an all-reduce MAX of `values` (element by element); the returned function waits
+        and gives the result, the same on every rank (MIN of some value: post its negation).
+        Lets a rank keep training while the vote is in flight. World of one: `values`."""
+        if not self.distributed:
+            done = list(values)
+            return lambda: done
+        t = torch.tensor(list(values), dtype=torch.int64, device=self.device)
         work = tdist.all_reduce(t, op=tdist.ReduceOp.MAX, async_op=True)
 
-        def result() -> int:
+        def result() -> list[int]:
             work.wait()
-            return int(t.item())
+            return t.tolist()
 
         return result
 

@@ -14,7 +14,39 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gddist.config import EarlyStoppingConfig, UserError
 from gddist.data import Preprocessing
+
+# The val/* metrics of each task besides val/loss (built by `Evaluator`); known before any data
+# is read, so a config naming another one fails before training.
+CLASSIFICATION = ("accuracy", "precision", "recall", "f1", "roc_auc")
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": CLASSIFICATION,
+    "multiclass": CLASSIFICATION,
+    "regression": ("mse", "mae", "r2"),
+    "objective": (),
+}
+
+
+def metric_names(task: str) -> list[str]:
+    """Every key `Evaluator.evaluate` returns for `task`, sorted."""
+    return sorted(["val/loss", *(f"val/{m}" for m in TASK_METRICS[task])])
+
+
+def check_monitor(cfg: EarlyStoppingConfig, task: str) -> None:
+    """Raise UserError when early stopping is on and watches a metric `task` does not have."""
+    names = metric_names(task)
+    if cfg.patience and cfg.monitor not in names:
+        raise UserError(
+            f"early_stopping.monitor={cfg.monitor!r} is not a validation metric of this task "
+            f"({task}); choose one of: {', '.join(names)}"
+        )
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of rank `rank`'s contiguous shard of `n` rows: the shards of ranks 0..world-1
+    cover [0, n) exactly, sizes differ by at most one. Integer arithmetic (exact at any n)."""
+    return n * rank // world, n * (rank + 1) // world
 
 
 def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -64,6 +96,7 @@ class Evaluator:
                 "mae": R.MeanAbsoluteError(),
                 "r2": R.R2Score(),
             }
+        assert tuple(metrics) == TASK_METRICS[self.task], "TASK_METRICS is out of date"
         self.metrics = torchmetrics.MetricCollection(metrics, prefix="val/").to(device)
         self.loss = torchmetrics.MeanMetric().to(device)
 

@@ -17,7 +17,6 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +24,22 @@ import numpy as np
 import torch
 
 from gddist import engine as engine_mod
-from gddist import loader, models, rundir, tracking
+from gddist import loader, models, pending, rundir, tracking
 from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
 from gddist.data import GlobalBatches, TensorData
 from gddist.dist import Dist
 from gddist.io import atomic_save_json, atomic_torch_save, disk_errors, truncate_jsonl
-from gddist.metrics import Evaluator, task_loss
+from gddist.metrics import Evaluator, check_monitor, shard_bounds, task_loss
 from gddist.npydata import NpyData
-from gddist.optim import Penalty, build_optimizer, build_scheduler, is_constant, is_plateau
+from gddist.optim import Penalty, build_optimizer, build_scheduler, horizon, is_constant, is_plateau
+from gddist.pending import Diverged
+from gddist.resume import apply_changes
 from gddist.signals import StopSignals
-from gddist.state import check_resumable, fingerprint, rng_state, set_rng_state
+from gddist.state import check_resumable, rng_state, set_rng_state
+from gddist.stopvote import StopVote
 
 log = logging.getLogger("gddist")
-
-
-class Diverged(Exception):
-    """The loss or the gradient became non-finite under trainer.on_nonfinite=stop."""
-
-    def __init__(self, step: int, loss: float, lr: float) -> None:
-        super().__init__(
-            f"diverged at step {step}: loss={loss:.6g}, lr={lr:.6g}; "
-            "lower optimizer.lr or set trainer.grad_clip_norm"
-        )
-        self.step = step
 
 
 class Trainer:
@@ -78,6 +69,7 @@ class Trainer:
             dist.device,
             self.max_steps,
         )
+        check_monitor(cfg.early_stopping, data.task)  # as gddist.run does, for direct callers
         n_val = data.num_rows("val")
         if n_val < dist.world_size:
             raise UserError(
@@ -85,8 +77,7 @@ class Trainer:
                 "raise data.val_fraction"
             )
         # Each rank evaluates a contiguous shard; no padding, so no row is counted twice.
-        bounds = torch.linspace(0, n_val, dist.world_size + 1).round().long().tolist()
-        self.val_shard = bounds[dist.rank], bounds[dist.rank + 1]  # [lo, hi) of the val rows
+        self.val_shard = shard_bounds(n_val, dist.rank, dist.world_size)  # [lo, hi) of val rows
 
         # Same initial weights on every rank and at every world size; then per-rank streams
         # (dropout) so ranks do not draw identical masks.
@@ -97,8 +88,11 @@ class Trainer:
         self.optimizer = self.engine.prepare_optimizer(
             build_optimizer(cfg.optimizer, model.parameters())
         )
+        # The run's max steps when it started: the LR schedule's horizon unless
+        # scheduler.total_steps says otherwise (restored by a resume: see gddist/resume.py).
+        self.start_max_steps = self.max_steps
         self.scheduler = build_scheduler(
-            cfg.scheduler, self.optimizer, cfg.optimizer.lr, self.max_steps
+            cfg.scheduler, self.optimizer, cfg.optimizer.lr, horizon(cfg.scheduler, self.max_steps)
         )
         # A constant LR needs no per-step scheduler call (~10 us of Python on the hot path); its
         # state stays the same whether or not a run was resumed. Plateau steps at evaluations.
@@ -116,7 +110,7 @@ class Trainer:
         self.evals_without_improvement = 0
         self.stop_reason: str | None = None  # "early_stopping" or a signal name
         self.stop_signal: int | None = None
-        self._stop_vote: Callable[[], int] | None = None  # the stop-signal all-reduce in flight
+        self.stop_vote: StopVote | None = None  # created by fit()
         self.saved_step = -1  # step of the newest checkpoint this process wrote or loaded
         # Per-step (step, loss, grad norm, lr) since the last log, drained by _drain(): bounded.
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
@@ -153,6 +147,7 @@ class Trainer:
         self.engine.model.train()
         divergence: Diverged | None = None
         reserve = self.cfg.checkpoint.async_save  # staging for async saves, after one step
+        self.stop_vote = StopVote(self.dist, tc.stop_check_every, tc.stop_check_s, self.step)
         with self.signals:
             try:
                 while self.step < self.max_steps:
@@ -179,18 +174,11 @@ class Trainer:
 
     def should_stop(self) -> bool:
         """Early stopping (decided from global metrics, so alike on all ranks) or a stop signal
-        that any rank received (agreed by an all-reduce every trainer.stop_check_every steps)."""
+        that any rank received (agreed by the vote of gddist/stopvote.py: on the same step on
+        every rank, within trainer.stop_check_every steps or trainer.stop_check_s seconds)."""
         if self.stop_reason is not None:
             return True
-        if not self.dist.distributed:
-            signum = self.signals.received or 0
-        elif self.step % self.cfg.trainer.stop_check_every:
-            return False
-        else:
-            # Act on the vote posted at the previous check (its all-reduce ran in the background
-            # meanwhile), then post this one: no check step waits on the network.
-            signum = self._stop_vote() if self._stop_vote else 0
-            self._stop_vote = self.dist.max_async(self.signals.received or 0)
+        signum = self.stop_vote.poll(self.step, self.signals.received or 0)
         if signum:
             self.stop_signal = signum
             self.stop_reason = signal.Signals(signum).name
@@ -260,7 +248,14 @@ class Trainer:
         self.saved_step = self.step
 
     def evaluate(self) -> None:
-        self._drain()  # never evaluate (or later save) a model that has already diverged
+        # Never evaluate (or later save) a model that has already diverged; the pending losses
+        # stay for the next train log row, and the evaluation's time is not training time.
+        self._check_finite()
+        began = time.perf_counter()
+        self._evaluate()
+        self._interval_start += time.perf_counter() - began
+
+    def _evaluate(self) -> None:
         if self.evaluator is None:
             self.evaluator = Evaluator(self.data.preprocessing, self.dist.device)
         batches = self.feed.val(*self.val_shard, self.cfg.data.eval_batch_size)
@@ -276,8 +271,8 @@ class Trainer:
     def finish(self, divergence: Diverged | None, wall_time: float) -> dict[str, Any]:
         self.checkpointer.wait()  # an async save still being written completes first
         self.feed.close()  # DataLoader workers exit
-        if self._stop_vote is not None:  # complete the collective in flight
-            self._stop_vote()
+        if self.stop_vote is not None:  # complete the collective in flight
+            self.stop_vote.close()
         summary = {
             "step": self.step,
             "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
@@ -333,9 +328,9 @@ class Trainer:
                 "last_eval": self.last_eval,
                 "best_metric": self.best_metric,
                 "evals_without_improvement": self.evals_without_improvement,
+                "start_max_steps": self.start_max_steps,
             },
             "config": self.cfg.to_dict(),
-            "fingerprint": fingerprint(self.cfg),
             "world_size": self.dist.world_size,
             "tracker_run_id": self.tracker.run_id,
         }
@@ -343,16 +338,15 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> str | None:
         """Restore the state saved in `path`; return the tracker run id it carries."""
         state, own = self.checkpointer.load(path)
-        check_resumable(
+        changes = check_resumable(
             state, self.cfg, self.engine.module, str(path), self.cfg.checkpoint.allow_changes
         )
         self.engine.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.engine.load_state_dict(state["engine"])
         self.step = self.saved_step = state["step"]
         for key, value in state["trainer"].items():
             setattr(self, key, value)
+        apply_changes(self, state, changes)  # loads the optimizer and scheduler states
         if own is not None:
             set_rng_state(own["rng"])
         else:  # a rank the checkpoint did not have (resumed on more processes): a fresh stream
@@ -427,11 +421,6 @@ class Trainer:
         es = self.cfg.early_stopping
         if not es.patience:
             return
-        if es.monitor not in metrics:
-            raise UserError(
-                f"early_stopping.monitor={es.monitor!r} is not a validation metric of this task; "
-                f"choose one of: {', '.join(sorted(metrics))}"
-            )
         value = metrics[es.monitor]
         sign = 1.0 if es.mode == "min" else -1.0
         if self.best_metric is None or sign * (self.best_metric - value) > es.min_delta:
@@ -466,29 +455,9 @@ class Trainer:
         return values
 
     def _read_pending(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """The pending per-step values (one host sync); raise Diverged on a non-finite one.
-
-        Losses are averaged over ranks here, once per read instead of once per step.
-        """
-        pending = self._pending
-        if not pending:
-            empty = torch.empty(0)
-            return empty, empty, []
-        losses = torch.stack([p[1] for p in pending]).float()
-        lrs = [p[3] for p in pending]
-        losses = self.dist.all_reduce_mean(losses).cpu()
-        # Gradient norms of the steps that measured one (NaN elsewhere; see train_step).
-        measured = [i for i, p in enumerate(pending) if p[2] is not None]
-        norms = torch.full((len(pending),), float("nan"))
-        bad = ~torch.isfinite(losses)
-        if measured:
-            norms[measured] = torch.stack([pending[i][2] for i in measured]).float().cpu()
-            if not self.engine.skips_nonfinite_steps:  # fp16's GradScaler handles overflows
-                bad[measured] |= ~torch.isfinite(norms[measured])
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise Diverged(pending[i][0], losses[i].item(), lrs[i])
-        return losses, norms, lrs
+        """The pending per-step values (see `gddist.pending.read`): raise Diverged on a
+        non-finite one."""
+        return pending.read(self._pending, self.dist, self.engine.skips_nonfinite_steps)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -64,16 +64,21 @@ class FaultyNet(nn.Module):
         return self.linear(x)
 
 
-class SleepyNet(nn.Module):
-    """A linear model whose training forward pass sleeps `delay_s`: a run that stays alive long
-    enough for a test to act on it while it trains (another launch, a signal)."""
+class SlowNet(nn.Module):
+    """A linear model that sleeps `train_sleep_s` in each training forward pass and
+    `eval_sleep_s` in each evaluation forward pass: slow steps or slow evaluations on purpose."""
 
-    def __init__(self, in_features: int, out_features: int, delay_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        train_sleep_s: float = 0.0,
+        eval_sleep_s: float = 0.0,
+    ) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
-        self.delay_s = delay_s
+        self.train_sleep_s, self.eval_sleep_s = train_sleep_s, eval_sleep_s
 
     def forward(self, x):
-        if self.training:
-            time.sleep(self.delay_s)
+        time.sleep(self.train_sleep_s if self.training else self.eval_sleep_s)
         return self.linear(x)

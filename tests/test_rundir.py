@@ -243,7 +243,7 @@ def test_same_torchrun_command_without_a_run_dir_resumes_after_sigterm(tmp_path)
     assert max_weight_diff(load_model(run_dir), load_model(reference)) < 1e-5
 
 
-SLEEPY = ["model=custom", "model._target_=models_for_tests.SleepyNet", "+model.delay_s=0.02",
+SLEEPY = ["model=custom", "model._target_=models_for_tests.SlowNet", "+model.train_sleep_s=0.02",
           "trainer.max_steps=600", "trainer.eval_every=0", "checkpoint.every_steps=50"]  # fmt: skip
 
 
@@ -267,7 +267,7 @@ def test_a_second_launch_into_a_live_run_dir_exits_2_naming_the_first(tmp_path):
     again = check(cli(*args))
     assert "resumed from" in again.stdout + again.stderr
     assert not (tmp_path / "run" / LOCK).exists()  # released at exit
-    train(tmp_path / "ref", *SLEEPY[:2], "+model.delay_s=0", *SLEEPY[3:])
+    train(tmp_path / "ref", *SLEEPY[:2], *SLEEPY[3:])  # without the sleep
     assert_bit_identical(load_model(tmp_path / "run"), load_model(tmp_path / "ref"))
 
 

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class UserError(Exception):
-    """A mistake in the user's config or data: reported as one line, exit code 2, no traceback."""
-
+from gddist.schema import UserError, build_dataclass, check_choice, check_positive
 
 DATA_NAMES = ("purchase", "csv", "npy", "regression", "function")
 # How training batches are served: indexing in-memory tensors, or a torch DataLoader with workers.
@@ -50,14 +45,14 @@ class DataConfig:
     prefetch_factor: int = 2  # dataloader: batches each worker reads ahead
 
     def validate(self) -> None:
-        _choice("data", self.name, DATA_NAMES)
-        _choice("data.task", self.task, TASKS)
-        _choice("data.loader", self.loader, LOADERS)
+        check_choice("data", self.name, DATA_NAMES)
+        check_choice("data.task", self.task, TASKS)
+        check_choice("data.loader", self.loader, LOADERS)
         if self.num_workers < 0:
             raise UserError(f"data.num_workers={self.num_workers} must be >= 0 (0: no workers)")
-        _positive("data.prefetch_factor", self.prefetch_factor)
-        _positive("data.batch_size", self.batch_size)
-        _positive("data.eval_batch_size", self.eval_batch_size)
+        check_positive("data.prefetch_factor", self.prefetch_factor)
+        check_positive("data.batch_size", self.batch_size)
+        check_positive("data.eval_batch_size", self.eval_batch_size)
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(
                 f"data.val_fraction={self.val_fraction} must be between 0 and 1 (exclusive); "
@@ -109,10 +104,10 @@ class ModelConfig:
             target = d.pop("_target_")
             d.pop("name", None)
             return cls(name="custom", target=target, kwargs=d)
-        return _build(cls, d, "model")
+        return build_dataclass(cls, d, "model")
 
     def validate(self) -> None:
-        _choice("model", self.name, MODEL_NAMES)
+        check_choice("model", self.name, MODEL_NAMES)
         if self.name == "custom" and (not self.target or self.target == "???"):
             raise UserError(
                 "model._target_ is required for model=custom; pass model._target_=my_pkg.MyNet"
@@ -126,7 +121,7 @@ class ModelConfig:
             if not 0.0 <= self.dropout < 1.0:
                 raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.name == "function":
-            _choice("model.function", self.function, FUNCTION_NAMES)
+            check_choice("model.function", self.function, FUNCTION_NAMES)
             if self.init is not None and len(self.init) != 2:
                 raise UserError(
                     f"model.init={self.init} must be a 2-D point such as [-1.2,1.0] "
@@ -146,7 +141,7 @@ class OptimizerConfig:
     alpha: float = 0.99  # rmsprop smoothing constant
 
     def validate(self) -> None:
-        _choice("optimizer", self.name, OPTIMIZER_NAMES)
+        check_choice("optimizer", self.name, OPTIMIZER_NAMES)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(
                 f"optimizer.lr={self.lr} must be a positive number; use e.g. optimizer.lr=0.01"
@@ -179,9 +174,9 @@ class SchedulerConfig:
     total_steps: int | None = None
 
     def validate(self) -> None:
-        _choice("scheduler", self.name, SCHEDULER_NAMES)
+        check_choice("scheduler", self.name, SCHEDULER_NAMES)
         if self.total_steps is not None:
-            _positive("scheduler.total_steps", self.total_steps)
+            check_positive("scheduler.total_steps", self.total_steps)
             if self.name in ("cosine", "warmup_cosine") and self.total_steps <= self.warmup_steps:
                 raise UserError(
                     f"scheduler.total_steps={self.total_steps} must exceed scheduler.warmup_steps="
@@ -193,7 +188,7 @@ class SchedulerConfig:
             raise UserError(
                 "scheduler=warmup_cosine needs scheduler.warmup_steps > 0 (or use scheduler=cosine)"
             )
-        _positive("scheduler.step_size", self.step_size)
+        check_positive("scheduler.step_size", self.step_size)
         if not 0.0 < self.gamma <= 1.0:
             raise UserError(f"scheduler.gamma={self.gamma} must be in (0, 1]")
         if not 0.0 < self.factor < 1.0:
@@ -239,21 +234,21 @@ class TrainerConfig:
                 "e.g. trainer.max_steps=500"
             )
         if self.max_steps is not None:
-            _positive("trainer.max_steps", self.max_steps)
+            check_positive("trainer.max_steps", self.max_steps)
         if self.max_epochs is not None:
-            _positive("trainer.max_epochs", self.max_epochs)
-        _positive("trainer.grad_accum_steps", self.grad_accum_steps)
-        _positive("trainer.log_every", self.log_every)
-        _positive("trainer.stop_check_every", self.stop_check_every)
-        _positive("trainer.stop_check_s", self.stop_check_s)
+            check_positive("trainer.max_epochs", self.max_epochs)
+        check_positive("trainer.grad_accum_steps", self.grad_accum_steps)
+        check_positive("trainer.log_every", self.log_every)
+        check_positive("trainer.stop_check_every", self.stop_check_every)
+        check_positive("trainer.stop_check_s", self.stop_check_s)
         if self.eval_every < 0:
             raise UserError(f"trainer.eval_every={self.eval_every} must be >= 0 (0: only at end)")
         for key in ("grad_clip_norm", "grad_clip_value"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise UserError(f"trainer.{key}={value} must be > 0 (or null to disable)")
-        _choice("trainer.on_nonfinite", self.on_nonfinite, NONFINITE)
-        _choice("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("trainer.on_nonfinite", self.on_nonfinite, NONFINITE)
+        check_choice("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -270,12 +265,12 @@ class CheckpointConfig:
         d = dict(d)
         if "async" in d:  # `async` is the public key; it is a Python keyword, hence the field name
             d["async_save"] = d.pop("async")
-        return _build(cls, d, "checkpoint")
+        return build_dataclass(cls, d, "checkpoint")
 
     def validate(self) -> None:
         if self.every_steps < 0:
             raise UserError(f"checkpoint.every_steps={self.every_steps} must be >= 0 (0: at end)")
-        _positive("checkpoint.keep_last", self.keep_last)
+        check_positive("checkpoint.keep_last", self.keep_last)
         if not self.resume:
             raise UserError("checkpoint.resume must be auto, never or a checkpoint path")
 
@@ -288,7 +283,7 @@ class EarlyStoppingConfig:
     min_delta: float = 0.0  # smallest change that counts as an improvement
 
     def validate(self) -> None:
-        _choice("early_stopping.mode", self.mode, ("min", "max"))
+        check_choice("early_stopping.mode", self.mode, ("min", "max"))
         if self.patience < 0:
             raise UserError(f"early_stopping.patience={self.patience} must be >= 0 (0: off)")
         if not self.monitor.startswith("val/"):
@@ -311,10 +306,10 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        _choice("logger", self.name, ("jsonl", "wandb"))
-        _choice("logger.progress", self.progress, ("auto", "bar", "lines", "none"))
+        check_choice("logger", self.name, ("jsonl", "wandb"))
+        check_choice("logger.progress", self.progress, ("auto", "bar", "lines", "none"))
         if self.mode is not None:
-            _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+            check_choice("logger.mode", self.mode, ("online", "offline", "disabled"))
 
 
 @dataclass
@@ -322,7 +317,7 @@ class EngineConfig:
     name: str = "ddp"  # ddp (native DistributedDataParallel) | accelerate
 
     def validate(self) -> None:
-        _choice("engine", self.name, ("ddp", "accelerate"))
+        check_choice("engine", self.name, ("ddp", "accelerate"))
 
 
 @dataclass
@@ -333,9 +328,9 @@ class DistConfig:
     init_method: str = "env://"
 
     def validate(self) -> None:
-        _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
-        _choice("dist.device", self.device, ("auto", "cpu", "cuda"))
-        _positive("dist.timeout_s", self.timeout_s)
+        check_choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
+        check_choice("dist.device", self.device, ("auto", "cpu", "cuda"))
+        check_positive("dist.timeout_s", self.timeout_s)
 
 
 @dataclass
@@ -357,7 +352,7 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> Config:
         """Build and validate a Config from a plain (resolved) dict; raises UserError."""
         d = {k: v for k, v in d.items() if k not in ("hydra", "experiment")}
-        cfg = _build(cls, d, "")
+        cfg = build_dataclass(cls, d, "")
         cfg.validate()
         return cfg
 
@@ -401,73 +396,3 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{key}={value!r} is not one of: {', '.join(choices)}")
-
-
-def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise UserError(f"{key}={value} must be > 0")
-
-
-def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    """Instantiate dataclass `cls` from `d`, rejecting unknown keys and coercing scalar types."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise UserError(f"unknown config key {key!r}; known keys: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in d.items():
-        key = f"{prefix}.{name}" if prefix else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise UserError(f"{key} must be a config group, got {value!r}")
-            builder = getattr(hint, "from_dict", None)  # sections with their own parsing
-            kwargs[name] = builder(value) if builder else _build(hint, value, key)
-        else:
-            kwargs[name] = _coerce(key, value, hint)
-    return cls(**kwargs)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise UserError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
-        (item,) = typing.get_args(hint)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict or hint is Any:
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{key}={value!r} must be true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise UserError(f"{key}={value!r} must be an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UserError(f"{key}={value!r} must be a number")
-        return float(value)
-    if hint is str:
-        if value is None or isinstance(value, dict | list):
-            raise UserError(f"{key}={value!r} must be a string")
-        return str(value)
-    raise TypeError(f"unsupported config type {hint} for {key}")  # a schema bug, not user input

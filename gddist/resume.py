@@ -22,10 +22,13 @@ When nothing differs, nothing is touched: the resume is bit-identical.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gddist.early_stopping import STATE_KEYS as ES_STATE_KEYS
+from gddist.io import truncate_jsonl
 from gddist.optim import apply_settings, horizon, is_plateau
-from gddist.state import Change
+from gddist.state import Change, check_resumable, seed_rank, set_rng_state
 
 if TYPE_CHECKING:
     from gddist.trainer import Trainer
@@ -33,6 +36,40 @@ if TYPE_CHECKING:
 log = logging.getLogger("gddist")
 
 HORIZON_SCHEDULES = ("cosine", "warmup_cosine")  # the schedules whose shape depends on it
+
+
+def restore(t: Trainer, path: Path) -> str | None:
+    """Load checkpoint `path` into trainer `t`: refuse what cannot continue this run
+    (`gddist.state.check_resumable`), restore model, engine, step, trainer state, optimizer and
+    schedule, apply the changed settings, this rank's RNG states; return the tracker run id."""
+    state, own = t.checkpointer.load(path)
+    changes = check_resumable(
+        state, t.cfg, t.engine.module, str(path), t.cfg.checkpoint.allow_changes
+    )
+    t.engine.module.load_state_dict(state["model"])
+    t.engine.load_state_dict(state["engine"])
+    t.step = t.saved_step = state["step"]
+    t.early_stopping.load_state_dict(state["trainer"])
+    for key, value in state["trainer"].items():
+        if key not in ES_STATE_KEYS:
+            setattr(t, key, value)
+    apply_changes(t, state, changes)  # loads the optimizer and scheduler states
+    if own is not None:
+        set_rng_state(own["rng"])
+    else:  # a rank the checkpoint did not have (resumed on more processes): a fresh stream
+        seed_rank(t.cfg.seed + t.step, t.dist.rank)
+    if t.dist.is_main:
+        # Rows logged after this checkpoint by the interrupted run are replayed by this one.
+        truncate_jsonl(t.run_dir / "metrics.jsonl", max_step=t.step)
+        log.info(
+            "run dir %s: resumed from %s at step %d (saved by %d process(es), now %d)",
+            t.run_dir,
+            path,
+            t.step,
+            state["world_size"],
+            t.dist.world_size,
+        )
+    return state["tracker_run_id"]
 
 
 def apply_changes(trainer: Trainer, saved: dict[str, Any], changes: list[Change]) -> None:
@@ -69,7 +106,7 @@ def apply_changes(trainer: Trainer, saved: dict[str, Any], changes: list[Change]
             saved_lrs if same_schedule else None,
         )
     if keys & {"early_stopping.monitor", "early_stopping.mode"}:
-        t.best_metric, t.evals_without_improvement = None, 0
+        t.early_stopping.reset()
     if t.dist.is_main:
         for change in changes:
             _log(change, cfg.scheduler.name, cfg.scheduler.total_steps, span, same_schedule)

@@ -340,6 +340,19 @@ def start_clean(
     return chosen
 
 
+def continue_or_archive(
+    run_dir: Path, checkpointer: Any, resume_mode: str, dist: Any
+) -> Path | None:
+    """The checkpoint a run loads (None: a fresh start), after a fresh start in a used run dir
+    has archived the old run. A collective call: rank 0 decides, every rank gets its answer."""
+    chosen = checkpointer.find_resume()
+    if dist.is_main:
+        complete = checkpointer.complete()
+        newest = complete[-1] if complete else None
+        chosen = start_clean(run_dir, checkpointer.dir, resume_mode, chosen, newest)
+    return dist.broadcast_object(chosen)
+
+
 def _same(a: Path, b: Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 

@@ -144,3 +144,11 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ",".join(_show(v) for v in value) + "]"
     return value if value is UNSET else repr(value)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed every RNG the loop or user code may draw from, distinct per rank."""
+    s = seed * 1000 + rank + 1
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)

@@ -12,15 +12,12 @@ resumed from a checkpoint continues bit for bit (docs/architecture.md, invariant
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from gddist import engine as engine_mod
@@ -29,14 +26,15 @@ from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
 from gddist.data import GlobalBatches, TensorData
 from gddist.dist import Dist
-from gddist.io import atomic_save_json, atomic_torch_save, disk_errors, truncate_jsonl
+from gddist.early_stopping import EarlyStopping
+from gddist.io import atomic_save_json, atomic_torch_save, disk_errors, read_json
 from gddist.metrics import Evaluator, check_monitor, shard_bounds, task_loss
 from gddist.npydata import NpyData
 from gddist.optim import Penalty, build_optimizer, build_scheduler, horizon, is_constant, is_plateau
 from gddist.pending import Diverged
-from gddist.resume import apply_changes
+from gddist.resume import restore
 from gddist.signals import StopSignals
-from gddist.state import check_resumable, rng_state, set_rng_state
+from gddist.state import rng_state, seed_rank
 from gddist.stopvote import StopVote
 
 log = logging.getLogger("gddist")
@@ -106,8 +104,7 @@ class Trainer:
         self.skipped_steps = 0
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
-        self.best_metric: float | None = None  # early stopping
-        self.evals_without_improvement = 0
+        self.early_stopping = EarlyStopping(cfg.early_stopping)
         self.stop_reason: str | None = None  # "early_stopping" or a signal name
         self.stop_signal: int | None = None
         self.stop_vote: StopVote | None = None  # created by fit()
@@ -116,7 +113,9 @@ class Trainer:
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None, float]] = []
 
         run_id = None
-        resume = self._continue_or_archive(self.checkpointer.find_resume())
+        resume = rundir.continue_or_archive(
+            self.run_dir, self.checkpointer, cfg.checkpoint.resume, dist
+        )
         if resume is not None:
             run_id = self.load_checkpoint(resume)
         elif dist.is_main:
@@ -326,8 +325,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
                 "last_train_loss": self.last_train_loss,
                 "last_eval": self.last_eval,
-                "best_metric": self.best_metric,
-                "evals_without_improvement": self.evals_without_improvement,
+                **self.early_stopping.state_dict(),
                 "start_max_steps": self.start_max_steps,
             },
             "config": self.cfg.to_dict(),
@@ -336,55 +334,15 @@ class Trainer:
         }
 
     def load_checkpoint(self, path: Path) -> str | None:
-        """Restore the state saved in `path`; return the tracker run id it carries."""
-        state, own = self.checkpointer.load(path)
-        changes = check_resumable(
-            state, self.cfg, self.engine.module, str(path), self.cfg.checkpoint.allow_changes
-        )
-        self.engine.module.load_state_dict(state["model"])
-        self.engine.load_state_dict(state["engine"])
-        self.step = self.saved_step = state["step"]
-        for key, value in state["trainer"].items():
-            setattr(self, key, value)
-        apply_changes(self, state, changes)  # loads the optimizer and scheduler states
-        if own is not None:
-            set_rng_state(own["rng"])
-        else:  # a rank the checkpoint did not have (resumed on more processes): a fresh stream
-            seed_rank(self.cfg.seed + self.step, self.dist.rank)
-        if self.dist.is_main:
-            # Rows logged after this checkpoint by the interrupted run are replayed by this one.
-            truncate_jsonl(self.run_dir / "metrics.jsonl", max_step=self.step)
-            log.info(
-                "run dir %s: resumed from %s at step %d (saved by %d process(es), now %d)",
-                self.run_dir,
-                path,
-                self.step,
-                state["world_size"],
-                self.dist.world_size,
-            )
-        return state["tracker_run_id"]
+        """Restore the state saved in `path` (see `gddist.resume.restore`); return the tracker
+        run id it carries."""
+        return restore(self, path)
 
     # ------------------------------------------------------------------ run dir
 
-    def _continue_or_archive(self, chosen: Path | None) -> Path | None:
-        """The checkpoint to load, after a fresh start in a used run dir has archived the old
-        run (rank 0 decides, every rank gets the same answer; see gddist.rundir.start_clean)."""
-        if self.dist.is_main:
-            complete = self.checkpointer.complete()
-            chosen = rundir.start_clean(
-                self.run_dir,
-                self.checkpointer.dir,
-                self.cfg.checkpoint.resume,
-                chosen,
-                complete[-1] if complete else None,
-            )
-        return self.dist.broadcast_object(chosen)
-
     def is_complete(self) -> bool:
         """Whether the resumed run had already finished: trained to max_steps, or early-stopped."""
-        patience = self.cfg.early_stopping.patience
-        stopped_early = bool(patience) and self.evals_without_improvement >= patience
-        return self.step >= self.max_steps or stopped_early
+        return self.step >= self.max_steps or self.early_stopping.stopped
 
     def _already_complete(self) -> dict[str, Any]:
         """A rerun of a finished run: say so and train nothing. Its outputs are returned as they
@@ -397,7 +355,7 @@ class Trainer:
                 self.run_dir,
                 self.step,
             )
-        prior = _read_json(self.run_dir / "summary.json") if self.dist.is_main else None
+        prior = read_json(self.run_dir / "summary.json") if self.dist.is_main else None
         prior = self.dist.broadcast_object(prior)
         done = (
             prior is not None
@@ -414,27 +372,15 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _early_stopping(self, metrics: dict[str, float]) -> None:
-        """Count evaluations without improvement of early_stopping.monitor; stop after patience.
-
-        The metrics are global (reduced over ranks), so every rank reaches the same decision.
-        """
-        es = self.cfg.early_stopping
-        if not es.patience:
-            return
-        value = metrics[es.monitor]
-        sign = 1.0 if es.mode == "min" else -1.0
-        if self.best_metric is None or sign * (self.best_metric - value) > es.min_delta:
-            self.best_metric, self.evals_without_improvement = value, 0
-            return
-        self.evals_without_improvement += 1
-        if self.evals_without_improvement >= es.patience:
+        if self.early_stopping.update(metrics):
             self.stop_reason = "early_stopping"
             if self.dist.is_main:
+                es = self.cfg.early_stopping
                 log.info(
                     "early stopping at step %d: %s has not improved on %.6g for %d evaluations",
                     self.step,
                     es.monitor,
-                    self.best_metric,
+                    self.early_stopping.best_metric,
                     es.patience,
                 )
 
@@ -458,19 +404,3 @@ class Trainer:
         """The pending per-step values (see `gddist.pending.read`): raise Diverged on a
         non-finite one."""
         return pending.read(self._pending, self.dist, self.engine.skips_nonfinite_steps)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def seed_rank(seed: int, rank: int) -> None:
-    """Seed every RNG the loop or user code may draw from, distinct per rank."""
-    s = seed * 1000 + rank + 1
-    torch.manual_seed(s)
-    random.seed(s)
-    np.random.seed(s % 2**32)

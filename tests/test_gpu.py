@@ -17,7 +17,6 @@ variable and call `torch.use_deterministic_algorithms(True)` before `gddist.run`
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from helpers import (
     check,
     cli_cmd,
     compose,
+    kill_all,
     load_model,
     max_weight_diff,
     start,
@@ -194,7 +194,4 @@ def test_nccl_peer_that_hangs_or_dies_ends_the_other_with_exit_code_4(tmp_path, 
         assert "error: rank 0: rank(s) 1 died or did not answer within dist.timeout_s=10s" in out
         assert "Traceback" not in out
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
+        kill_all(procs)

@@ -18,12 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    EXACT,
+    assert_bit_identical,
     check,
     children,
     cli,
     cli_cmd,
     compose,
     environ_of,
+    kill_all,
     last_step,
     load_model,
     max_weight_diff,
@@ -42,16 +45,6 @@ from gddist.dist import LaunchEnv, init
 from gddist.trainer import Trainer
 
 STEPS_PER_EPOCH = 800 // 64
-# Dropout makes the RNG state matter; 35 is not a multiple of the 12 steps of an epoch, so
-# checkpoints land mid-epoch.
-EXACT = ["model=mlp", "model.dropout=0.1", "optimizer=adam", "trainer.max_steps=400",
-         "trainer.log_every=1", "trainer.eval_every=100", "checkpoint.every_steps=35"]  # fmt: skip
-
-
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
 
 
 def resumed_step(output: str) -> int:
@@ -253,10 +246,7 @@ def test_a_rank_that_hangs_or_dies_ends_the_others_with_its_rank_named(tmp_path,
         assert "error: rank 0: rank(s) 1 died or did not answer within dist.timeout_s=5s" in out
         assert "Traceback" not in out
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
+        kill_all(procs)
 
 
 # ----------------------------------------------------------------------------- in process

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from helpers import check, cli, compose, load_model, rows, train
+from helpers import assert_bit_identical, check, cli, compose, load_model, rows, train
 
 from gddist.config import Config, UserError
 from gddist.data import build as build_data
@@ -28,12 +28,6 @@ def make_trainer(run_dir, *overrides):
 
 def lrs(run_dir):
     return {r["step"]: r["lr"] for r in rows(run_dir) if "lr" in r}
-
-
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
 
 
 def gddist_lines(caplog):
@@ -88,10 +82,13 @@ def test_early_stopping_on_another_metric_starts_counting_afresh(tmp_path):
     base = [*QUIET, "trainer.max_steps=20", "trainer.eval_every=5", "early_stopping.patience=50"]
     train(tmp_path, *base)
     same = make_trainer(tmp_path, *base, "trainer.max_steps=30")
-    assert same.best_metric is not None  # the val/loss best so far is kept
+    assert same.early_stopping.best_metric is not None  # the val/loss best so far is kept
     other = make_trainer(tmp_path, *base, "trainer.max_steps=30",
                          "early_stopping.monitor=val/accuracy", "early_stopping.mode=max")  # fmt: skip
-    assert (other.best_metric, other.evals_without_improvement) == (None, 0)
+    assert (other.early_stopping.best_metric, other.early_stopping.evals_without_improvement) == (
+        None,
+        0,
+    )
 
 
 # ----------------------------------------------------------------------------- speed

@@ -18,6 +18,8 @@ import pytest
 import torch
 from helpers import (
     CONF,
+    EXACT,
+    assert_bit_identical,
     check,
     children,
     clean_env,
@@ -39,16 +41,6 @@ from gddist.checkpoint import verify
 from gddist.cli import check_overrides
 from gddist.config import UserError
 from gddist.rundir import LOCK, RunLock
-
-# Dropout: the RNG state matters; checkpoints every 35 steps land mid-epoch (12 steps an epoch).
-EXACT = ["model=mlp", "model.dropout=0.1", "optimizer=adam", "trainer.max_steps=400",
-         "trainer.log_every=1", "trainer.eval_every=100", "checkpoint.every_steps=35"]  # fmt: skip
-
-
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
 
 
 def run_dirs(cwd: Path) -> list[Path]:

@@ -83,7 +83,7 @@ class DataConfig:
 
     @property
     def uses_dataloader(self) -> bool:
-        """True when training batches come from a torch DataLoader (see gddist/loader.py)."""
+        """True when training batches come from a torch DataLoader (see gddist/data/feeds.py)."""
         return self.loader == "dataloader" or (self.loader == "auto" and self.name == "npy")
 
 
@@ -377,7 +377,8 @@ class Config:
 
     def _check_function_pairing(self) -> None:
         """The dummy data of a function (data.name=function, which model=function sets) makes
-        sense only with model=function, and model=function only with it (see gddist/data.py)."""
+        sense only with model=function, and model=function only with it (see
+        gddist/data/synthetic.py)."""
         if (self.data.name == "function") != (self.model.name == "function"):
             raise UserError(
                 f"data.name={self.data.name} with model={self.model.name}: a function is minimized "

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gddist.config import EarlyStoppingConfig, UserError
-from gddist.data import Preprocessing
+from gddist.data.tensors import Preprocessing
 
 # The val/* metrics of each task besides val/loss (built by `Evaluator`); known before any data
 # is read, so a config naming another one fails before training.

@@ -21,15 +21,15 @@ from typing import Any
 import torch
 
 from gddist import engine as engine_mod
-from gddist import loader, models, pending, rundir, tracking
+from gddist import models, pending, rundir, tracking
 from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
-from gddist.data import GlobalBatches, TensorData
+from gddist.data import GlobalBatches, TensorData, feeds
+from gddist.data.npy import NpyData
 from gddist.dist import Dist
 from gddist.early_stopping import EarlyStopping
 from gddist.io import atomic_save_json, atomic_torch_save, disk_errors, read_json
 from gddist.metrics import Evaluator, check_monitor, shard_bounds, task_loss
-from gddist.npydata import NpyData
 from gddist.optim import Penalty, build_optimizer, build_scheduler, horizon, is_constant, is_plateau
 from gddist.pending import Diverged
 from gddist.resume import restore
@@ -57,7 +57,7 @@ class Trainer:
         )
         tc = cfg.trainer
         self.max_steps = tc.max_steps or tc.max_epochs * self.batches.steps_per_epoch
-        self.feed = loader.build(
+        self.feed = feeds.build(
             cfg.data,
             self.data,
             self.batches,

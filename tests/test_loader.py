@@ -32,8 +32,8 @@ from helpers import (
 from gddist.config import Config, DataConfig, UserError
 from gddist.data import build as build_data
 from gddist.data import make_purchase
+from gddist.data.npy import NpyData
 from gddist.dist import detect_launch, init
-from gddist.npydata import NpyData
 from gddist.trainer import Trainer
 
 
@@ -81,7 +81,7 @@ def test_npy_serves_the_purchase_rows_standardized_like_in_memory_data(npy_dir):
 
 
 def test_npy_statistics_are_exact_over_many_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr("gddist.npydata.CHUNK_ROWS", 7)  # 143 chunks, most of them mixed
+    monkeypatch.setattr("gddist.data.npy.CHUNK_ROWS", 7)  # 143 chunks, most of them mixed
     rng = np.random.default_rng(0)
     x = rng.normal(100.0, 3.0, size=(1000, 4))
     write_npy(tmp_path / "d", features=x, target=rng.normal(size=1000))

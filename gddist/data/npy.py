@@ -7,7 +7,7 @@ dataset may be larger than memory. Opening checks shapes and dtypes, then makes 
 features in chunks of rows that checks every value is finite and measures the training split's
 mean and standard deviation; rows are standardized as they are read, like CSV features. The
 train/val split and the task inference are the ones of in-memory data (`gddist.data.split_rows`,
-`gddist.csvdata.decide_task`), so the same seed splits the same rows.
+`gddist.data.csv.decide_task`), so the same seed splits the same rows.
 
 An `NpyData` is sent to DataLoader worker processes: it pickles without its memory maps (a few
 index arrays and statistics) and reopens the files in each worker.
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from gddist.config import UserError
-from gddist.csvdata import decide_task
-from gddist.data import Preprocessing, TensorData, split_rows
+from gddist.data.csv import decide_task
+from gddist.data.tensors import Preprocessing, TensorData, split_rows
 
 FEATURES, TARGET = "features.npy", "target.npy"
 # Rows per chunk of the opening pass (a few MB at typical widths; bounded memory at any size).

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gddist.config import DataConfig
-from gddist.data import GlobalBatches
+from gddist.data.order import GlobalBatches
 from gddist.signals import STOP_SIGNALS
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -22,6 +22,8 @@ TASKS = ("auto", "binary", "multiclass", "regression")
 MODEL_NAMES = ("linear", "mlp", "custom", "function")
 # 2-D test functions for model=function (implemented in gddist/models.py: FUNCTIONS).
 FUNCTION_NAMES = ("rosenbrock", "styblinski_tang")
+# loss= options (built by gddist/losses.py); auto: the task's loss, as before the loss group.
+LOSS_NAMES = ("auto", "cross_entropy", "bce", "mse", "model", "custom")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULER_NAMES = ("constant", "step", "cosine", "warmup_cosine", "plateau")
 NONFINITE = ("stop", "skip")
@@ -127,6 +129,30 @@ class ModelConfig:
                     f"model.init={self.init} must be a 2-D point such as [-1.2,1.0] "
                     "(or null for a random start drawn from seed)"
                 )
+
+
+@dataclass
+class LossConfig:
+    name: str = "auto"
+    target: str | None = None  # custom: import path of a loss class or function (`_target_`)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # custom: the other loss.* keys
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LossConfig:
+        d = dict(d)
+        if "_target_" in d:  # a user loss: everything but _target_ (and name) is its kwargs
+            target = d.pop("_target_")
+            d.pop("name", None)
+            return cls(name="custom", target=target, kwargs=d)
+        return build_dataclass(cls, d, "loss")
+
+    def validate(self) -> None:
+        check_choice("loss", self.name, LOSS_NAMES)
+        if self.name == "custom" and (not self.target or self.target == "???"):
+            raise UserError(
+                "loss._target_ is required for loss=custom; pass loss._target_=my_pkg.my_loss "
+                "(a function (output, target) -> scalar, or a class such as torch.nn.HuberLoss)"
+            )
 
 
 @dataclass
@@ -338,6 +364,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
@@ -362,6 +389,7 @@ class Config:
         for section in (
             self.data,
             self.model,
+            self.loss,
             self.optimizer,
             self.scheduler,
             self.regularization,

@@ -9,9 +9,9 @@ Every key of the resolved config (dotted, e.g. `optimizer.lr`) is of exactly one
 - LENGTH: how long the run trains (`trainer.max_steps`, `trainer.max_epochs`). Not part of the
   identity, so that rerunning with a larger `trainer.max_steps` continues the run; on resume the
   change is applied and logged (the LR schedule keeps the horizon the run started with).
-- REFUSED: what the run *is* (its data, model, seed, global batch, optimizer and scheduler type).
-  Part of the identity; resuming a checkpoint with another value is refused in one line unless
-  `checkpoint.allow_changes=true`.
+- REFUSED: what the run *is* (its data, model, loss, seed, global batch, optimizer and scheduler
+  type). Part of the identity; resuming a checkpoint with another value is refused in one line
+  unless `checkpoint.allow_changes=true`.
 - APPLIED: every other key (optimizer and scheduler hyperparameters, clipping, penalties, ...).
   Part of the identity; resuming with another value (possible only with an explicit run dir)
   applies it and logs `key: old -> new (applied)`.
@@ -44,7 +44,7 @@ SPEED = (
     "dist",
 )
 LENGTH = ("trainer.max_steps", "trainer.max_epochs")
-REFUSED = ("seed", "data", "model", "optimizer.name", "scheduler.name")
+REFUSED = ("seed", "data", "model", "loss", "optimizer.name", "scheduler.name")
 # Not part of a run's config at all: Hydra's own node and the experiment preset's name (the
 # preset's values are already merged into the other keys).
 NOT_CONFIG = ("hydra", "experiment")

@@ -8,14 +8,16 @@ keep startup fast.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from gddist.config import EarlyStoppingConfig, UserError
 from gddist.data.tensors import Preprocessing
+from gddist.losses import predictions, task_loss  # task_loss: loss=auto, kept importable here
 
 # The val/* metrics of each task besides val/loss (built by `Evaluator`); known before any data
 # is read, so a config naming another one fails before training.
@@ -49,22 +51,17 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """binary cross-entropy on logits (binary), cross-entropy (multiclass), MSE (regression);
-    for an objective (model=function) the model output IS the loss."""
-    if task == "objective":
-        return output.mean()
-    if task == "binary":
-        return F.binary_cross_entropy_with_logits(output.squeeze(-1), target)
-    if task == "multiclass":
-        return F.cross_entropy(output, target)
-    return F.mse_loss(output.squeeze(-1), target)
-
-
 class Evaluator:
     """Computes val/* metrics; every rank must call `evaluate` (it contains collectives)."""
 
-    def __init__(self, prep: Preprocessing, device: torch.device) -> None:
+    def __init__(
+        self,
+        prep: Preprocessing,
+        device: torch.device,
+        loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """`loss`: the training loss (gddist.losses.build), so that val/loss is the loss that
+        is trained; None: the task's loss (loss=auto)."""
         import torchmetrics  # lazy: about a second of imports
         from torchmetrics import classification as C
         from torchmetrics import regression as R
@@ -99,6 +96,7 @@ class Evaluator:
         assert tuple(metrics) == TASK_METRICS[self.task], "TASK_METRICS is out of date"
         self.metrics = torchmetrics.MetricCollection(metrics, prefix="val/").to(device)
         self.loss = torchmetrics.MeanMetric().to(device)
+        self.loss_fn = loss or functools.partial(task_loss, self.task)
 
     @torch.no_grad()
     def evaluate(
@@ -112,9 +110,9 @@ class Evaluator:
         self.loss.reset()
         for xb, yb in batches:
             out = model(xb)
-            self.loss.update(task_loss(self.task, out, yb), weight=len(xb))
+            self.loss.update(self.loss_fn(out, yb), weight=len(xb))
             if self.metrics:
-                self.metrics.update(*self._predictions(out, yb))
+                self.metrics.update(*self._predictions(predictions(out), yb))
         model.train(was_training)
         result = {"val/loss": self.loss.compute().item()}
         if self.metrics:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gddist import engine as engine_mod
+from gddist import losses as loss_mod
 from gddist import models, pending, rundir, tracking
 from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
@@ -29,7 +30,7 @@ from gddist.data.npy import NpyData
 from gddist.dist import Dist
 from gddist.early_stopping import EarlyStopping
 from gddist.io import atomic_save_json, atomic_torch_save, disk_errors, read_json
-from gddist.metrics import Evaluator, check_monitor, shard_bounds, task_loss
+from gddist.metrics import Evaluator, check_monitor, shard_bounds
 from gddist.optim import Penalty, build_optimizer, build_scheduler, horizon, is_constant, is_plateau
 from gddist.pending import Diverged
 from gddist.resume import restore
@@ -82,6 +83,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = models.build(cfg.model, data.num_features, data.num_outputs).to(dist.device)
         seed_rank(cfg.seed, dist.rank)
+        self.loss = loss_mod.build(cfg.loss, data.task, dist.device)  # checked at its first call
         self.engine = engine_mod.build(cfg, model, dist)
         self.optimizer = self.engine.prepare_optimizer(
             build_optimizer(cfg.optimizer, model.parameters())
@@ -195,7 +197,7 @@ class Trainer:
             # Gradients are all-reduced once per optimizer step: on the last micro-batch.
             with self.engine.sync_context(sync=micro == accum - 1):
                 with self.engine.autocast():
-                    loss = task_loss(self.data.task, self.engine.model(x), y)
+                    loss = self.loss(self.engine.model(x), y)
                     objective = loss + self.penalty() if self.penalty.active else loss
                 self.engine.backward(objective / accum if accum > 1 else objective)
             losses.append(loss.detach())
@@ -256,7 +258,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         if self.evaluator is None:
-            self.evaluator = Evaluator(self.data.preprocessing, self.dist.device)
+            self.evaluator = Evaluator(self.data.preprocessing, self.dist.device, self.loss)
         batches = self.feed.val(*self.val_shard, self.cfg.data.eval_batch_size)
         metrics = self.evaluator.evaluate(self.engine.module, batches)
         if is_plateau(self.scheduler):

@@ -82,3 +82,45 @@ class SlowNet(nn.Module):
     def forward(self, x):
         time.sleep(self.train_sleep_s if self.training else self.eval_sleep_s)
         return self.linear(x)
+
+
+def huber(output, target, delta: float = 1.0):
+    """A custom loss function (loss=custom loss._target_=models_for_tests.huber +loss.delta=..)."""
+    import torch
+
+    err = (output - target).abs()
+    return torch.where(err < delta, 0.5 * err**2, delta * (err - 0.5 * delta)).mean()
+
+
+def square_mean(output, target):
+    """mean(output^2): the loss LossInOutput computes itself, written as a custom loss."""
+    return (output**2).mean()
+
+
+class LossInOutput(nn.Module):
+    """A linear model that computes its own loss from its input (loss=model): mean(logits^2),
+    returned with the logits as a dict {"loss", "logits"} or as an object with .loss and
+    .logits (the Hugging Face convention); `with_loss=false`: a dict without "loss"."""
+
+    def __init__(
+        self, in_features: int, out_features: int, as_object: bool = False, with_loss: bool = True
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.as_object, self.with_loss = as_object, with_loss
+
+    def forward(self, x):
+        logits = self.linear(x)
+        out = {"loss": (logits**2).mean(), "logits": logits}
+        if not self.with_loss:
+            del out["loss"]
+        if self.as_object:
+            import types
+
+            return types.SimpleNamespace(**out)
+        return out
+
+
+def nan_loss(output, target):
+    """A custom loss whose value is nan: for the first-step check."""
+    return (output * float("nan")).mean()

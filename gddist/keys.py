@@ -79,6 +79,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened keys of a resolved config that make the run what it is (REFUSED and APPLIED
-    kinds): two configs with equal identities are the same run."""
+    kinds): two configs with equal identities are the same run.
+
+    A key whose value is the schema's default is left out, so that a key added to the schema
+    later (at a default that keeps today's behaviour) does not change the identity, and with it
+    the run dir, of every existing command."""
+    from gddist.config import Config  # the schema's defaults; config never imports this module
+
+    defaults = flatten(Config().to_dict())
     flat = flatten({k: v for k, v in config.items() if k not in NOT_CONFIG})
-    return {k: v for k, v in sorted(flat.items()) if kind(k) in ("refused", "applied")}
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if kind(k) in ("refused", "applied") and not (k in defaults and defaults[k] == v)
+    }

@@ -20,6 +20,8 @@ DATA_NAMES = ("purchase", "csv", "npy", "regression", "function")
 LOADERS = ("auto", "memory", "dataloader")
 TASKS = ("auto", "binary", "multiclass", "regression")
 MODEL_NAMES = ("linear", "mlp", "custom", "function")
+# model.* keys of every model kind that are gddist's, never a user constructor's argument.
+MODEL_OWN_KEYS = ("name", "sync_batchnorm")
 # 2-D test functions for model=function (implemented in gddist/models.py: FUNCTIONS).
 FUNCTION_NAMES = ("rosenbrock", "styblinski_tang")
 # loss= options (built by gddist/losses.py); auto: the task's loss, as before the loss group.
@@ -98,14 +100,16 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # custom: extra constructor arguments
     function: str = "rosenbrock"  # function: which test function to minimize
     init: list[float] | None = None  # function: start point; null: uniform in its box from seed
+    # Any model: BatchNorm layers become SyncBatchNorm with N > 1 processes (gddist/batchnorm.py).
+    sync_batchnorm: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
-        if "_target_" in d:  # a user model: everything but _target_ goes to its constructor
-            target = d.pop("_target_")
-            d.pop("name", None)
-            return cls(name="custom", target=target, kwargs=d)
+        if "_target_" in d:  # a user model: the keys but _target_ and gddist's own are its kwargs
+            own = {k: d.pop(k) for k in MODEL_OWN_KEYS if k in d}
+            own.update(name="custom", target=d.pop("_target_"), kwargs=d)
+            return build_dataclass(cls, own, "model")
         return build_dataclass(cls, d, "model")
 
     def validate(self) -> None:
@@ -341,6 +345,8 @@ class LoggerConfig:
 @dataclass
 class EngineConfig:
     name: str = "ddp"  # ddp (native DistributedDataParallel) | accelerate
+    # DDP's find_unused_parameters: for models with parameters that some steps do not use.
+    find_unused_parameters: bool = False
 
     def validate(self) -> None:
         check_choice("engine", self.name, ("ddp", "accelerate"))

@@ -13,15 +13,21 @@ An engine is the small seam between the training loop and the distributed machin
     engine.state_dict() / load_state_dict()   the GradScaler's state, for checkpoints
 
 `ddp` wraps the model in DistributedDataParallel itself (gradient_as_bucket_view: gradients live in
-DDP's buckets, no extra copy). `accelerate` runs the same loop through `accelerate.Accelerator`, so
-its launcher and plugins can be used. Micro-batches before the last one of an optimizer step run
-without gradient sync, so gradients are all-reduced once per optimizer step.
+DDP's buckets, no extra copy; `engine.find_unused_parameters` is DDP's own flag, and the error DDP
+raises without it becomes one line naming the parameters and the key). `accelerate` runs the same
+loop through `accelerate.Accelerator`, so its launcher and plugins can be used (the flag reaches
+its DDP through DistributedDataParallelKwargs). Micro-batches before the last one of an optimizer
+step run without gradient sync, so gradients are all-reduced once per optimizer step. With
+`model.sync_batchnorm=true` and N > 1 processes the model's BatchNorm layers become SyncBatchNorm
+first (gddist/batchnorm.py), in both engines.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,8 +35,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gddist import batchnorm
 from gddist.config import Config, UserError
 from gddist.dist import Dist, LaunchEnv
+
+log = logging.getLogger("gddist")
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Compiler = Callable[[nn.Module], nn.Module]
@@ -47,9 +56,35 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 def build(cfg: Config, model: nn.Module, dist: Dist) -> DDPEngine | AccelerateEngine:
     """The engine named by cfg.engine (precision was checked by `check_precision` already)."""
+    model = sync_batchnorm(model, cfg.model.sync_batchnorm, dist)
+    unused = cfg.engine.find_unused_parameters
     if cfg.engine.name == "accelerate":
-        return AccelerateEngine(model, dist, cfg.trainer.precision, _compiler(cfg))
-    return DDPEngine(model, dist, cfg.trainer.precision, _compiler(cfg))
+        return AccelerateEngine(model, dist, cfg.trainer.precision, _compiler(cfg), unused)
+    return DDPEngine(model, dist, cfg.trainer.precision, _compiler(cfg), unused)
+
+
+def sync_batchnorm(model: nn.Module, wanted: bool, dist: Dist) -> nn.Module:
+    """`model.sync_batchnorm=true`: the model with its BatchNorm layers normalizing over the
+    global batch when N > 1 processes train it (gddist/batchnorm.py); its parameters and buffers
+    are the same tensors. A world of one keeps plain BatchNorm: its batch is the global batch
+    already, so the math is the same."""
+    if not wanted:
+        return model
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if dist.is_main:
+            log.warning("model.sync_batchnorm=true, but the model has no BatchNorm layer")
+        return model
+    if not dist.distributed:
+        return model
+    model, layers = batchnorm.convert(model, dist.device)
+    if dist.is_main:
+        log.info(
+            "model.sync_batchnorm: %d BatchNorm layer(s) normalize over the global batch of %d "
+            "processes",
+            layers,
+            dist.world_size,
+        )
+    return model
 
 
 def _compiler(cfg: Config) -> Compiler | None:
@@ -79,19 +114,60 @@ def _grad_norm(
     return norm
 
 
+UNUSED_ERROR = "Expected to have finished reduction in the prior iteration"
+
+
+def unused_parameters_message(module: nn.Module, error: str) -> str:
+    """DDP's error for parameters that got no gradient, as one line naming them (DDP's
+    message gives their indices among the module's parameters that require a gradient)."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    found = re.search(r"did not receive grad for rank (\d+): ([\d ]+)", error)
+    which = ""
+    if found:
+        picked = [names[int(i)] for i in found.group(2).split() if int(i) < len(names)]
+        which = f" ({', '.join(picked)} on rank {found.group(1)})"
+    return (
+        f"the model has parameters that got no gradient at the previous step{which}, so DDP "
+        "could not all-reduce them; pass engine.find_unused_parameters=true (DDP then finds them "
+        "at each step), or make every parameter take part in the loss"
+    )
+
+
+class _HintingDDP(DistributedDataParallel):
+    """DDP whose unused-parameters error is a UserError (one line, exit 2), not a traceback."""
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        try:
+            return super().forward(*inputs, **kwargs)
+        except RuntimeError as e:
+            if UNUSED_ERROR not in str(e):
+                raise
+            raise UserError(unused_parameters_message(self.module, str(e))) from None
+
+
 class DDPEngine:
     """The native engine: DDP (world > 1), torch.autocast, a CUDA GradScaler for fp16."""
 
     def __init__(
-        self, model: nn.Module, dist: Dist, precision: str, compiler: Compiler | None
+        self,
+        model: nn.Module,
+        dist: Dist,
+        precision: str,
+        compiler: Compiler | None,
+        find_unused_parameters: bool = False,
     ) -> None:
         self.module = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         wrapped = model
         if dist.distributed:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(
-                model, device_ids=device_ids, gradient_as_bucket_view=True
+            # torch.compile gets DDP itself (its DDP-aware graph splitting); eager runs the hint.
+            ddp = DistributedDataParallel if compiler else _HintingDDP
+            wrapped = ddp(
+                model,
+                device_ids=device_ids,
+                gradient_as_bucket_view=True,
+                find_unused_parameters=find_unused_parameters,
             )
         self._ddp = wrapped if dist.distributed else None
         # Compile the wrapper (DDP-aware graph breaks); checkpoints use the plain `module`.
@@ -204,15 +280,25 @@ class AccelerateEngine:
     launcher (torchrun, srun, submitit)."""
 
     def __init__(
-        self, model: nn.Module, dist: Dist, precision: str, compiler: Compiler | None
+        self,
+        model: nn.Module,
+        dist: Dist,
+        precision: str,
+        compiler: Compiler | None,
+        find_unused_parameters: bool = False,
     ) -> None:
         from accelerate import Accelerator  # lazy: a second of imports
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs
 
         AcceleratorState._reset_state(True)  # one Accelerator per run, also for runs in-process
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+        # Accelerate builds the DDP wrapper itself: DDP's flags reach it through this handler.
+        ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
         with torchrun_style_env(dist.env):
-            self.accelerator = Accelerator(cpu=dist.device.type == "cpu", mixed_precision=mixed)
+            self.accelerator = Accelerator(
+                cpu=dist.device.type == "cpu", mixed_precision=mixed, kwargs_handlers=[ddp_kwargs]
+            )
         check_accelerate_world(self.accelerator, dist)
         self.module = model
         self.params = [p for p in model.parameters() if p.requires_grad]

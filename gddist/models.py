@@ -2,7 +2,8 @@
 
 Contract for a user model: `target(in_features=..., out_features=..., **kwargs)` returns an
 nn.Module mapping [batch, in_features] floats to [batch, out_features] logits (or predictions for
-regression). Input and output sizes always come from the data.
+regression). Input and output sizes always come from the data. `kwargs` are the other `model.*`
+keys but gddist's own (config.MODEL_OWN_KEYS: `sync_batchnorm`, applied by gddist/engine.py).
 """
 
 from __future__ import annotations

@@ -124,3 +124,33 @@ class LossInOutput(nn.Module):
 def nan_loss(output, target):
     """A custom loss whose value is nan: for the first-step check."""
     return (output * float("nan")).mean()
+
+
+class BatchNormNet(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Linear: its training forward depends on the statistics
+    of the batch it sees (this rank's slice, or the global batch with model.sync_batchnorm)."""
+
+    def __init__(self, in_features: int, out_features: int, width: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(in_features, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+            nn.Linear(width, out_features),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class UnusedBranchNet(nn.Module):
+    """A linear head plus a branch whose parameters never get a gradient (forward skips it):
+    DDP needs engine.find_unused_parameters=true for it."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(in_features, out_features)
+        self.spare = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return self.head(x)

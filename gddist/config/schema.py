@@ -1,5 +1,5 @@
 """How a plain config dict becomes typed dataclasses: unknown keys refused, scalars coerced, each
-mistake a `UserError` whose one line names the key, the value and the fix (gddist/config.py holds
+mistake a `UserError` whose one line names the key, the value and the fix (gddist/config/ holds
 the schema itself)."""
 
 from __future__ import annotations

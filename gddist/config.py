@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from gddist.metrics_config import MetricsConfig
 from gddist.schema import UserError, build_dataclass, check_choice, check_positive
 
 DATA_NAMES = ("purchase", "csv", "npy", "regression", "function")
@@ -346,6 +347,7 @@ class Config:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     @classmethod
@@ -370,6 +372,7 @@ class Config:
             self.early_stopping,
             self.logger,
             self.engine,
+            self.metrics,
             self.dist,
         ):
             section.validate()

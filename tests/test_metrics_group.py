@@ -10,9 +10,11 @@ from test_metrics import make_csvs, reference, trainer_for
 from torch import nn
 from torchmetrics import classification as C
 
+from gddist import keys
 from gddist.config import Config, MetricsConfig, UserError
 from gddist.data import build as build_data
 from gddist.metrics import Evaluator
+from gddist.rundir import run_name
 
 SHORT = ["trainer.max_steps=20", "trainer.eval_every=10", "data.batch_size=32"]
 TOP2 = [
@@ -39,6 +41,26 @@ def test_classification_preset_equals_auto_on_purchase_data(tmp_path):
         f"val/{m}" for m in ("loss", "accuracy", "precision", "recall", "f1", "roc_auc")
     }
     assert {k: explicit[k] for k in keys} == {k: auto[k] for k in keys}  # bit-identical
+
+
+def test_regression_preset_equals_auto_on_regression_data(tmp_path):
+    auto = train(tmp_path / "auto", *SHORT, "data=regression")
+    explicit = train(tmp_path / "reg", *SHORT, "data=regression", "metrics=regression")
+    keys = {k for k in auto if k.startswith("val/")}
+    assert keys == {"val/loss", "val/mse", "val/mae", "val/r2"}
+    assert {k: explicit[k] for k in keys} == {k: auto[k] for k in keys}
+
+
+def test_metrics_keys_are_not_part_of_the_run_identity():
+    """Which metrics are measured does not change the weights: the same command with other
+    metrics is the same run dir, and a resume with other metrics is not refused."""
+    assert keys.kind("metrics") == keys.kind("metrics.extra.top2.top_k") == "speed"
+    base = run_name(compose(), {})
+    assert (
+        run_name(compose("metrics=none", *TOP2[:1], "+metrics.extra.top2.num_classes=3"), {})
+        == base
+    )
+    assert run_name(compose("early_stopping.monitor=val/f1"), {}) != base  # what is watched is
 
 
 def test_classification_preset_on_three_classes_equals_sklearn_macro(tmp_path):

@@ -35,7 +35,9 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     cfg.check_world(env.world_size)
     check_precision(cfg.trainer.precision, dist_mod.pick_device(cfg.dist.device, env.local_rank))
     data = data_mod.build(cfg.data, cfg.seed)
-    check_monitor(cfg.early_stopping, data.task)  # the task's metrics are known from here on
+    # The task's metrics are known from here on: the metrics config, its extras and the
+    # monitored metric are checked before the process group is joined.
+    check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs)
     dist = dist_mod.init(cfg.dist, env)
     lock = None
     try:

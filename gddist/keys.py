@@ -42,6 +42,10 @@ SPEED = (
     "checkpoint",
     "engine",
     "dist",
+    # Which val/* metrics are computed changes what is measured, not the weights. What early
+    # stopping watches is early_stopping.monitor (REFUSED/APPLIED, so in the identity); redefining
+    # the watched extra metric itself on resume is the user's call, like changing the val split.
+    "metrics",
 )
 LENGTH = ("trainer.max_steps", "trainer.max_epochs")
 REFUSED = ("seed", "data", "model", "loss", "optimizer.name", "scheduler.name")

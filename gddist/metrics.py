@@ -4,45 +4,193 @@ Each rank evaluates its own contiguous shard of the validation rows (no padding,
 torchmetrics sums the per-rank statistics (and gathers predictions for ROC AUC) at compute(), so the
 result equals a single-process computation on the full set. torchmetrics is imported on first use to
 keep startup fast.
+
+Which metrics: the `metrics` config (gddist/config/metrics.py). A preset (auto, classification,
+regression, none) plus `metrics.extra` torchmetrics nodes, logged as val/<name>. Every metric, the
+preset's and the extras, gets the same (preds, target) pair for a batch:
+
+- binary (one output): preds = sigmoid(logit), shape (N,); target = 0/1 labels, long, shape (N,)
+- multiclass (K outputs): preds = softmax(logits), shape (N, K); target = class ids, long, (N,)
+- regression: preds and target in the target's original units (the standardization undone)
+
+Probabilities, not logits: torchmetrics' classification metrics apply sigmoid / softmax themselves
+only when some value lies outside [0, 1], so logits that all happen to lie inside [0, 1] would be
+taken for probabilities; passing probabilities is right whatever the values.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from gddist.config import EarlyStoppingConfig, UserError
+from gddist.config import EarlyStoppingConfig, MetricsConfig, UserError
 from gddist.data.tensors import Preprocessing
 from gddist.losses import predictions, task_loss  # task_loss: loss=auto, kept importable here
 
-# The val/* metrics of each task besides val/loss (built by `Evaluator`); known before any data
+# The val/* metrics of each preset besides val/loss (built by `Evaluator`); known before any data
 # is read, so a config naming another one fails before training.
 CLASSIFICATION = ("accuracy", "precision", "recall", "f1", "roc_auc")
+REGRESSION = ("mse", "mae", "r2")
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "binary": CLASSIFICATION,
     "multiclass": CLASSIFICATION,
-    "regression": ("mse", "mae", "r2"),
+    "regression": REGRESSION,
     "objective": (),
 }
+_PREDS = {
+    "binary": "one probability per sample",
+    "multiclass": "one probability per class and sample",
+    "regression": "one number per sample",
+}
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def metric_names(task: str) -> list[str]:
-    """Every key `Evaluator.evaluate` returns for `task`, sorted."""
-    return sorted(["val/loss", *(f"val/{m}" for m in TASK_METRICS[task])])
+@dataclass(frozen=True)
+class MetricPlan:
+    """What the evaluation computes: `kind` says how model outputs become predictions (binary,
+    multiclass, regression, objective), `preset` the preset's metric names, `width` the model
+    output width the metrics expect, `num_classes` the classes (0 unless classification)."""
+
+    kind: str
+    preset: tuple[str, ...]
+    width: int
+    num_classes: int
 
 
-def check_monitor(cfg: EarlyStoppingConfig, task: str) -> None:
-    """Raise UserError when early stopping is on and watches a metric `task` does not have."""
-    names = metric_names(task)
+def plan(cfg: MetricsConfig, task: str, width: int) -> MetricPlan:
+    """The metrics of `cfg` for data of `task` and a model with `width` outputs; UserError when
+    they do not fit (classification metrics of a regression target, classes != output width)."""
+    if task == "objective":  # model=function: its output IS the loss; nothing else to measure
+        if cfg.name not in ("auto", "none") or cfg.extra:
+            raise UserError(
+                f"metrics={cfg.name}{' with metrics.extra' if cfg.extra else ''} does not apply "
+                "to model=function (its output is the loss, logged as val/loss); drop it"
+            )
+        return MetricPlan("objective", (), width, 0)
+    preset = _preset_names(cfg, task)
+    if cfg.name == "classification" and task == "regression":
+        raise UserError(
+            "metrics=classification needs class labels, but the data's task is regression; "
+            "use metrics=regression (or auto), or data.task=binary / multiclass"
+        )
+    if cfg.name == "regression" and task != "regression":
+        raise UserError(
+            f"metrics=regression needs a numeric target, but the data's task is {task}; "
+            "use metrics=classification (or auto)"
+        )
+    if task == "regression":
+        return MetricPlan("regression", preset, 1, 0)
+    k = cfg.num_classes or (2 if width == 1 else width)
+    if k != (2 if width == 1 else width):
+        raise UserError(
+            f"metrics.num_classes={k} does not fit the model's {width} output(s): a binary model "
+            "has 1 output (num_classes=2), a K-class model K outputs; drop metrics.num_classes "
+            "or change the model"
+        )
+    return MetricPlan("binary" if width == 1 else "multiclass", preset, width, k)
+
+
+def metric_names(task: str, metrics: MetricsConfig | None = None) -> list[str]:
+    """Every key `Evaluator.evaluate` returns for `task` and the `metrics` config, sorted."""
+    cfg = metrics or MetricsConfig()
+    return sorted({"val/loss", *(f"val/{m}" for m in (*_preset_names(cfg, task), *cfg.extra))})
+
+
+def _preset_names(cfg: MetricsConfig, task: str) -> tuple[str, ...]:
+    if task == "objective" or cfg.name == "none":
+        return ()
+    if cfg.name == "auto":
+        return TASK_METRICS[task]
+    return CLASSIFICATION if cfg.name == "classification" else REGRESSION
+
+
+def check_monitor(
+    cfg: EarlyStoppingConfig,
+    task: str,
+    metrics: MetricsConfig | None = None,
+    num_outputs: int | None = None,
+) -> None:
+    """Before training: raise UserError when the metrics config does not fit the data (its task
+    and, when given, the model's `num_outputs`), when an extra metric cannot be built, or when
+    early stopping is on and watches a metric the run does not compute."""
+    metrics = metrics or MetricsConfig()
+    if num_outputs is not None:
+        p = plan(metrics, task, num_outputs)
+        build_extras(metrics, p)  # import, type and constructor of each extra, then dropped
+    names = metric_names(task, metrics)
+    preset = "" if metrics.name == "auto" else f", metrics={metrics.name}"
     if cfg.patience and cfg.monitor not in names:
         raise UserError(
             f"early_stopping.monitor={cfg.monitor!r} is not a validation metric of this task "
-            f"({task}); choose one of: {', '.join(names)}"
+            f"({task}{preset}); choose one of: {', '.join(names)}"
         )
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def build_extras(cfg: MetricsConfig, p: MetricPlan) -> dict[str, Any]:
+    """{name: torchmetrics.Metric} of `cfg.extra`, each built from its `_target_` and the node's
+    other keys; UserError naming the node when a target is not importable, is not a Metric, or
+    its constructor raises (its message kept)."""
+    if not cfg.extra:
+        return {}
+    import torchmetrics  # lazy: about a second of imports
+
+    built = {}
+    for name, node in cfg.extra.items():
+        key = f"metrics.extra.{name}"
+        target = node["_target_"]
+        kwargs = {k: v for k, v in node.items() if k != "_target_"}
+        module_name, _, attr = target.rpartition(".")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UserError(
+                f"{key}._target_={target} cannot be imported ({_one_line(e)}); give the dotted "
+                "path of a torchmetrics.Metric class, e.g. torchmetrics.classification."
+                "MulticlassAccuracy"
+            ) from None
+        if not callable(factory) or (
+            isinstance(factory, type) and not issubclass(factory, torchmetrics.Metric)
+        ):
+            raise UserError(
+                f"{key}._target_={target} is not a torchmetrics.Metric class (it is "
+                f"{factory!r}); give one such as torchmetrics.classification.MulticlassAccuracy"
+            )
+        classes = kwargs.get("num_classes")
+        if p.kind == "multiclass" and isinstance(classes, int) and classes != p.num_classes:
+            raise UserError(
+                f"{key}.num_classes={classes} does not fit the model's {p.num_classes} outputs "
+                f"(classes); pass {key}.num_classes={p.num_classes}"
+            )
+        try:
+            metric = factory(**kwargs)
+        except Exception as e:  # the user's constructor: any error is a config mistake
+            raise UserError(f"{key} ({target}) could not be built: {_one_line(e)}") from None
+        if not isinstance(metric, torchmetrics.Metric):
+            raise UserError(
+                f"{key}._target_={target} returned a {type(metric).__name__}, not a "
+                "torchmetrics.Metric"
+            )
+        # Binary preds are (N,) probabilities, multiclass ones (N, K): a metric of the other
+        # kind would take them for class ids and be silently wrong, so it is refused.
+        wrong = {"binary": ("Multiclass", "Multilabel"), "multiclass": ("Binary", "Multilabel")}
+        cls_name = type(metric).__name__
+        if cls_name.startswith(wrong.get(p.kind, ())):
+            raise UserError(
+                f"{key} is a {cls_name} but this run's predictions are {p.kind} "
+                f"({_PREDS[p.kind]}); use the {p.kind.capitalize()} variant of the metric"
+            )
+        built[name] = metric
+    return built
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -51,52 +199,61 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
+def _preset_metrics(p: MetricPlan) -> dict[str, Any]:
+    from torchmetrics import classification as C
+    from torchmetrics import regression as R
+
+    if not p.preset:
+        return {}
+    if p.kind == "binary":
+        return {
+            "accuracy": C.BinaryAccuracy(),
+            "precision": C.BinaryPrecision(),
+            "recall": C.BinaryRecall(),
+            "f1": C.BinaryF1Score(),
+            "roc_auc": C.BinaryAUROC(),
+        }
+    if p.kind == "multiclass":
+        k = p.num_classes
+        return {
+            "accuracy": C.MulticlassAccuracy(k, average="micro"),
+            "precision": C.MulticlassPrecision(k, average="macro"),
+            "recall": C.MulticlassRecall(k, average="macro"),
+            "f1": C.MulticlassF1Score(k, average="macro"),
+            "roc_auc": C.MulticlassAUROC(k, average="macro"),
+        }
+    return {"mse": R.MeanSquaredError(), "mae": R.MeanAbsoluteError(), "r2": R.R2Score()}
+
+
 class Evaluator:
-    """Computes val/* metrics; every rank must call `evaluate` (it contains collectives)."""
+    """Computes val/loss and the metrics of `metrics` (default: auto); every rank must call
+    `evaluate` (it contains collectives). `num_outputs` is the model's output width (default:
+    the data's); `loss` computes val/loss from (output, target) (default: the task's loss)."""
 
     def __init__(
         self,
         prep: Preprocessing,
         device: torch.device,
-        loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        metrics: MetricsConfig | None = None,
+        num_outputs: int | None = None,
+        loss: LossFn | None = None,
     ) -> None:
-        """`loss`: the training loss (gddist.losses.build), so that val/loss is the loss that
-        is trained; None: the task's loss (loss=auto)."""
         import torchmetrics  # lazy: about a second of imports
-        from torchmetrics import classification as C
-        from torchmetrics import regression as R
 
+        cfg = metrics or MetricsConfig()
         self.prep = prep
         self.task = prep.task
-        if self.task == "binary":
-            metrics = {
-                "accuracy": C.BinaryAccuracy(),
-                "precision": C.BinaryPrecision(),
-                "recall": C.BinaryRecall(),
-                "f1": C.BinaryF1Score(),
-                "roc_auc": C.BinaryAUROC(),
-            }
-        elif self.task == "multiclass":
-            k = len(prep.classes)
-            metrics = {
-                "accuracy": C.MulticlassAccuracy(k, average="micro"),
-                "precision": C.MulticlassPrecision(k, average="macro"),
-                "recall": C.MulticlassRecall(k, average="macro"),
-                "f1": C.MulticlassF1Score(k, average="macro"),
-                "roc_auc": C.MulticlassAUROC(k, average="macro"),
-            }
-        elif self.task == "objective":
-            metrics = {}  # val/loss is the function value; there is nothing else to measure
-        else:
-            metrics = {
-                "mse": R.MeanSquaredError(),
-                "mae": R.MeanAbsoluteError(),
-                "r2": R.R2Score(),
-            }
-        assert tuple(metrics) == TASK_METRICS[self.task], "TASK_METRICS is out of date"
-        self.metrics = torchmetrics.MetricCollection(metrics, prefix="val/").to(device)
+        if num_outputs is None:
+            num_outputs = len(prep.classes) if prep.task == "multiclass" else 1
+        self.plan = plan(cfg, self.task, num_outputs)
+        self.loss_fn: LossFn = loss or partial(task_loss, self.task)
+        preset = _preset_metrics(self.plan)
+        assert tuple(preset) in (self.plan.preset, ()), "TASK_METRICS is out of date"
+        preset = {k: v for k, v in preset.items() if k not in cfg.extra}  # an extra replaces it
+        self.metrics = torchmetrics.MetricCollection(preset, prefix="val/").to(device)
+        self.extra = {k: m.to(device) for k, m in build_extras(cfg, self.plan).items()}
         self.loss = torchmetrics.MeanMetric().to(device)
-        self.loss_fn = loss or functools.partial(task_loss, self.task)
+        self._width_checked = False
 
     @torch.no_grad()
     def evaluate(
@@ -108,21 +265,69 @@ class Evaluator:
         model.eval()
         self.metrics.reset()
         self.loss.reset()
+        for m in self.extra.values():
+            m.reset()
         for xb, yb in batches:
             out = model(xb)
+            measured = bool(self.metrics or self.extra)
+            if measured:
+                self._check_width(
+                    predictions(out)
+                )  # before the loss: its shape error would be less clear
             self.loss.update(self.loss_fn(out, yb), weight=len(xb))
-            if self.metrics:
-                self.metrics.update(*self._predictions(predictions(out), yb))
+            if measured:
+                preds, target = self._predictions(predictions(out), yb)
+                if self.metrics:
+                    self.metrics.update(preds, target)
+                self._update_extras(preds, target)
         model.train(was_training)
         result = {"val/loss": self.loss.compute().item()}
         if self.metrics:
             result.update({k: v.item() for k, v in self.metrics.compute().items()})
+        for name, metric in self.extra.items():
+            result[f"val/{name}"] = self._scalar(name, metric.compute())
         return result
 
+    def _check_width(self, out: torch.Tensor) -> None:
+        """Once: the model's actual output width is the one the metrics were built for (a
+        custom model may not output what model.out_features asked for)."""
+        if self._width_checked:
+            return
+        width = out.shape[-1] if out.ndim > 1 else 1
+        if width != self.plan.width:
+            raise UserError(
+                f"the model outputs {width} value(s) per sample but the {self.plan.kind} metrics "
+                f"expect {self.plan.width} (metrics.num_classes / the data's classes); make the "
+                "model output one logit per class (one for binary) or fix metrics.num_classes"
+            )
+        self._width_checked = True
+
+    def _update_extras(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        for name, metric in self.extra.items():
+            try:
+                metric.update(preds, target)
+            except Exception as e:  # the user's metric: any error is a config mistake
+                raise UserError(
+                    f"metrics.extra.{name} ({type(metric).__name__}) cannot take this run's "
+                    f"{self.plan.kind} predictions (preds {tuple(preds.shape)} "
+                    f"{preds.dtype}, target {tuple(target.shape)} {target.dtype}): "
+                    f"{_one_line(e)}"
+                ) from None
+
+    @staticmethod
+    def _scalar(name: str, value: Any) -> float:
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UserError(
+                f"metrics.extra.{name} computes {shape}, not one number; configure it to "
+                "return a scalar (e.g. average=macro)"
+            )
+        return value.item()
+
     def _predictions(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.task == "binary":
+        if self.plan.kind == "binary":
             return torch.sigmoid(out.squeeze(-1)), y.long()
-        if self.task == "multiclass":
+        if self.plan.kind == "multiclass":
             return torch.softmax(out, dim=-1), y
         # Regression metrics are reported in the target's original units.
         scale, shift = self.prep.target_std, self.prep.target_mean

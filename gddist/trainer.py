@@ -68,7 +68,8 @@ class Trainer:
             dist.device,
             self.max_steps,
         )
-        check_monitor(cfg.early_stopping, data.task)  # as gddist.run does, for direct callers
+        # As gddist.run does, for direct callers: metrics and monitor fit the data and model.
+        check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs)
         n_val = data.num_rows("val")
         if n_val < dist.world_size:
             raise UserError(
@@ -258,7 +259,13 @@ class Trainer:
 
     def _evaluate(self) -> None:
         if self.evaluator is None:
-            self.evaluator = Evaluator(self.data.preprocessing, self.dist.device, self.loss)
+            self.evaluator = Evaluator(
+                self.data.preprocessing,
+                self.dist.device,
+                self.cfg.metrics,
+                self.data.num_outputs,
+                loss=self.loss,
+            )
         batches = self.feed.val(*self.val_shard, self.cfg.data.eval_batch_size)
         metrics = self.evaluator.evaluate(self.engine.module, batches)
         if is_plateau(self.scheduler):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gddist.config.data import DATA_NAMES, LOADERS, TASKS, DataConfig
+from gddist.config.metrics import MetricsConfig
 from gddist.config.model import (
     FUNCTION_NAMES,
     LOSS_NAMES,
@@ -45,7 +46,7 @@ __all__ = [
     "DATA_NAMES", "FUNCTION_NAMES", "LOADERS", "LOSS_NAMES", "MODEL_NAMES", "MODEL_OWN_KEYS",
     "NONFINITE", "OPTIMIZER_NAMES", "SCHEDULER_NAMES", "TASKS",
     "CheckpointConfig", "Config", "DataConfig", "DistConfig", "EarlyStoppingConfig",
-    "EngineConfig", "LoggerConfig", "LossConfig", "ModelConfig", "OptimizerConfig",
+    "EngineConfig", "LoggerConfig", "LossConfig", "MetricsConfig", "ModelConfig", "OptimizerConfig",
     "RegularizationConfig", "SchedulerConfig", "TrainerConfig", "UserError",
 ]  # fmt: skip
 
@@ -64,6 +65,7 @@ class Config:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     @classmethod
@@ -89,6 +91,7 @@ class Config:
             self.early_stopping,
             self.logger,
             self.engine,
+            self.metrics,
             self.dist,
         ):
             section.validate()

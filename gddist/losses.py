@@ -29,7 +29,6 @@ call reads values back to the host; later calls go straight to the loss (no per-
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gddist.config import LossConfig, UserError
+from gddist.targets import import_target
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
@@ -221,7 +221,11 @@ def build(cfg: LossConfig, task: str, device: torch.device) -> Loss:
 
 def _custom(cfg: LossConfig, device: torch.device) -> LossFn:
     """`loss._target_`: a class built once with the kwargs, or a function given them per call."""
-    target = _import(cfg.target or "")
+    target = import_target(
+        "loss._target_",
+        cfg.target or "",
+        "a loss class or function, e.g. torch.nn.HuberLoss or my_pkg.losses.my_loss",
+    )
     key = f"loss._target_={cfg.target}"
     if inspect.isclass(target):
         try:
@@ -264,15 +268,4 @@ def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], key: str) -> N
         raise UserError(
             f"{key} cannot be called as fn(output, target, {', '.join(f'{k}=' for k in kwargs)}) "
             f"({e}); a loss function takes (output, target) and the other loss.* keys"
-        ) from None
-
-
-def _import(path: str) -> Any:
-    module_name, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(
-            f"loss._target_={path} cannot be imported ({e}); give a dotted path to a loss class "
-            "or function, e.g. torch.nn.HuberLoss or my_pkg.losses.my_loss"
         ) from None

@@ -20,7 +20,6 @@ taken for probabilities; passing probabilities is right whatever the values.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +31,7 @@ from torch import nn
 from gddist.config import EarlyStoppingConfig, MetricsConfig, UserError
 from gddist.data.tensors import Preprocessing
 from gddist.losses import predictions, task_loss  # task_loss: loss=auto, kept importable here
+from gddist.targets import import_target
 
 # The val/* metrics of each preset besides val/loss (built by `Evaluator`); known before any data
 # is read, so a config naming another one fails before training.
@@ -149,15 +149,11 @@ def build_extras(cfg: MetricsConfig, p: MetricPlan) -> dict[str, Any]:
         key = f"metrics.extra.{name}"
         target = node["_target_"]
         kwargs = {k: v for k, v in node.items() if k != "_target_"}
-        module_name, _, attr = target.rpartition(".")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise UserError(
-                f"{key}._target_={target} cannot be imported ({_one_line(e)}); give the dotted "
-                "path of a torchmetrics.Metric class, e.g. torchmetrics.classification."
-                "MulticlassAccuracy"
-            ) from None
+        factory = import_target(
+            f"{key}._target_",
+            target,
+            "a torchmetrics.Metric class, e.g. torchmetrics.classification.MulticlassAccuracy",
+        )
         if not callable(factory) or (
             isinstance(factory, type) and not issubclass(factory, torchmetrics.Metric)
         ):

@@ -8,7 +8,6 @@ keys but gddist's own (config.MODEL_OWN_KEYS: `sync_batchnorm`, applied by gddis
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from gddist.config import ModelConfig, UserError
+from gddist.targets import import_target
 
 
 class MLP(nn.Module):
@@ -115,7 +115,9 @@ def build(cfg: ModelConfig, in_features: int, out_features: int) -> nn.Module:
         return nn.Linear(in_features, out_features)
     if cfg.name == "mlp":
         return MLP(in_features, out_features, cfg.hidden_sizes, cfg.dropout)
-    factory = _import(cfg.target)
+    factory = import_target(
+        "model._target_", cfg.target, "an nn.Module class or factory, e.g. my_pkg.models.MyNet"
+    )
     try:
         model = factory(in_features=in_features, out_features=out_features, **cfg.kwargs)
     except TypeError as e:
@@ -127,17 +129,6 @@ def build(cfg: ModelConfig, in_features: int, out_features: int) -> nn.Module:
         kind = type(model).__name__
         raise UserError(f"model._target_={cfg.target} returned a {kind}, not an nn.Module")
     return model
-
-
-def _import(path: str):
-    module_name, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(
-            f"model._target_={path} cannot be imported ({e}); give a dotted path to an "
-            "nn.Module class, e.g. my_pkg.models.MyNet"
-        ) from None
 
 
 def weight_matrices(model: nn.Module) -> list[nn.Parameter]:

@@ -4,14 +4,34 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
 
+__all__ = ["UserError", "fit", "run"]
 
-def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
+
+def __getattr__(name: str) -> Any:
+    """`gddist.fit` and `gddist.UserError`, imported on first use (train.py starts without them)."""
+    if name == "fit":
+        from gddist.api import fit
+
+        return fit
+    if name == "UserError":
+        from gddist.config import UserError
+
+        return UserError
+    raise AttributeError(f"module 'gddist' has no attribute {name!r}")
+
+
+def run(cfg: Any, run_dir: str | Path, objects: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train one run described by `cfg` (a `Config` or a plain dict) into `run_dir`.
+
+    `objects` are Python objects standing for config nodes (`gddist.fit` passes them): by key,
+    "data.train", "data.val", "data.collate" (named `{"_object_": qualname}` in the config),
+    "model" (a module or factory), "loss" (a callable).
 
     Order matters (docs/architecture.md, invariant 6): config, run-dir, world-size and data checks
     all happen before the process group is joined, so a user mistake fails fast with one line on
@@ -34,15 +54,17 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     rundir.check_creatable(Path(run_dir))
     cfg.check_world(env.world_size)
     check_precision(cfg.trainer.precision, dist_mod.pick_device(cfg.dist.device, env.local_rank))
-    data = data_mod.build(cfg.data, cfg.seed)
+    data = data_mod.build(
+        cfg.data, cfg.seed, loss=cfg.loss.name, metrics=cfg.metrics.name, objects=objects
+    )
     # The task's metrics are known from here on: the metrics config, its extras and the
     # monitored metric are checked before the process group is joined.
-    check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs)
+    check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs, objects)
     dist = dist_mod.init(cfg.dist, env)
     lock = None
     try:
         lock = rundir.lock(Path(run_dir), dist)
-        summary = Trainer(cfg, data, dist, Path(run_dir)).fit()
+        summary = Trainer(cfg, data, dist, Path(run_dir), objects).fit()
         if "signal" in summary:
             if dist.is_main:
                 if summary["signal"] == signal.SIGUSR1:  # preempted on SLURM: come back, resume

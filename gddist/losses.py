@@ -203,9 +203,17 @@ def _misfit(kind: str, output: Any, target: torch.Tensor) -> str | None:
     return None
 
 
-def build(cfg: LossConfig, task: str, device: torch.device) -> Loss:
+def build(cfg: LossConfig, task: str, device: torch.device, prebuilt: Any = None) -> Loss:
     """The loss of config `cfg` for data of `task`; a custom `_target_` is imported (and a class
-    instantiated) here, so a bad one fails before training with one line."""
+    instantiated) here, so a bad one fails before training with one line. `prebuilt` is
+    gddist.fit's loss callable, used as a custom loss."""
+    if prebuilt is not None:
+        if not callable(prebuilt):
+            kind = type(prebuilt).__name__
+            raise UserError(f"the loss passed to gddist.fit is a {kind}, not callable")
+        if isinstance(prebuilt, nn.Module):
+            prebuilt = prebuilt.to(device)
+        return Loss(f"loss=custom ({cfg.target})", _flat_args(prebuilt), "custom")
     if cfg.name == "auto":
         return Loss("loss=auto", functools.partial(task_loss, task), "auto")
     builtins: dict[str, LossFn] = {
@@ -250,8 +258,16 @@ def _custom(cfg: LossConfig, device: torch.device) -> LossFn:
     else:
         raise UserError(f"{key} is a {type(target).__name__}, not a loss class or function")
 
-    def custom(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return fn(_flat(output, target), target)
+    return _flat_args(fn)
+
+
+def _flat_args(fn: Callable[..., torch.Tensor]) -> LossFn:
+    """`fn` called with a one-output head's [B, 1] output flattened against a [B] target."""
+
+    def custom(output: Any, target: Any) -> torch.Tensor:
+        if isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor):
+            output = _flat(output, target)
+        return fn(output, target)
 
     return custom
 

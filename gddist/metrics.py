@@ -12,6 +12,8 @@ preset's and the extras, gets the same (preds, target) pair for a batch:
 - binary (one output): preds = sigmoid(logit), shape (N,); target = 0/1 labels, long, shape (N,)
 - multiclass (K outputs): preds = softmax(logits), shape (N, K); target = class ids, long, (N,)
 - regression: preds and target in the target's original units (the standardization undone)
+- generic (a user Dataset whose loss and metrics preset name no task): the model's predictions
+  and the target as they are; only val/loss and metrics.extra are computed
 
 Probabilities, not logits: torchmetrics' classification metrics apply sigmoid / softmax themselves
 only when some value lies outside [0, 1], so logits that all happen to lie inside [0, 1] would be
@@ -20,7 +22,7 @@ taken for probabilities; passing probabilities is right whatever the values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -31,6 +33,7 @@ from torch import nn
 from gddist.config import EarlyStoppingConfig, MetricsConfig, UserError
 from gddist.data.tensors import Preprocessing
 from gddist.losses import predictions, task_loss  # task_loss: loss=auto, kept importable here
+from gddist.models import forward
 from gddist.targets import import_target
 
 # The val/* metrics of each preset besides val/loss (built by `Evaluator`); known before any data
@@ -42,6 +45,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "multiclass": CLASSIFICATION,
     "regression": REGRESSION,
     "objective": (),
+    "generic": (),
 }
 _PREDS = {
     "binary": "one probability per sample",
@@ -74,6 +78,8 @@ def plan(cfg: MetricsConfig, task: str, width: int) -> MetricPlan:
             )
         return MetricPlan("objective", (), width, 0)
     preset = _preset_names(cfg, task)
+    if task == "generic":
+        return MetricPlan("generic", (), width, 0)
     if cfg.name == "classification" and task == "regression":
         raise UserError(
             "metrics=classification needs class labels, but the data's task is regression; "
@@ -103,7 +109,7 @@ def metric_names(task: str, metrics: MetricsConfig | None = None) -> list[str]:
 
 
 def _preset_names(cfg: MetricsConfig, task: str) -> tuple[str, ...]:
-    if task == "objective" or cfg.name == "none":
+    if task in ("objective", "generic") or cfg.name == "none":
         return ()
     if cfg.name == "auto":
         return TASK_METRICS[task]
@@ -115,6 +121,7 @@ def check_monitor(
     task: str,
     metrics: MetricsConfig | None = None,
     num_outputs: int | None = None,
+    objects: Mapping[str, Any] | None = None,
 ) -> None:
     """Before training: raise UserError when the metrics config does not fit the data (its task
     and, when given, the model's `num_outputs`), when an extra metric cannot be built, or when
@@ -122,7 +129,7 @@ def check_monitor(
     metrics = metrics or MetricsConfig()
     if num_outputs is not None:
         p = plan(metrics, task, num_outputs)
-        build_extras(metrics, p)  # import, type and constructor of each extra, then dropped
+        build_extras(metrics, p, objects)  # import, type and constructor of each extra, dropped
     names = metric_names(task, metrics)
     preset = "" if metrics.name == "auto" else f", metrics={metrics.name}"
     if cfg.patience and cfg.monitor not in names:
@@ -136,10 +143,13 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def build_extras(cfg: MetricsConfig, p: MetricPlan) -> dict[str, Any]:
+def build_extras(
+    cfg: MetricsConfig, p: MetricPlan, objects: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """{name: torchmetrics.Metric} of `cfg.extra`, each built from its `_target_` and the node's
-    other keys; UserError naming the node when a target is not importable, is not a Metric, or
-    its constructor raises (its message kept)."""
+    other keys (or a copy of the Metric object gddist.fit passed in `objects`); UserError naming
+    the node when a target is not importable, is not a Metric, or its constructor raises (its
+    message kept)."""
     if not cfg.extra:
         return {}
     import torchmetrics  # lazy: about a second of imports
@@ -147,6 +157,15 @@ def build_extras(cfg: MetricsConfig, p: MetricPlan) -> dict[str, Any]:
     built = {}
     for name, node in cfg.extra.items():
         key = f"metrics.extra.{name}"
+        if "_object_" in node:
+            given = (objects or {}).get(key)
+            if not isinstance(given, torchmetrics.Metric):
+                raise UserError(
+                    f"{key} ({node['_object_']}) is not a torchmetrics.Metric object; pass "
+                    "metrics={name: a torchmetrics.Metric} to gddist.fit"
+                )
+            built[name] = given.clone()  # the caller's object stays as it was
+            continue
         target = node["_target_"]
         kwargs = {k: v for k, v in node.items() if k != "_target_"}
         factory = import_target(
@@ -189,6 +208,18 @@ def build_extras(cfg: MetricsConfig, p: MetricPlan) -> dict[str, Any]:
     return built
 
 
+def _width(output: Any, cfg: MetricsConfig) -> int:
+    """The output width the metrics follow: the predictions' last dimension (1 for one value per
+    sample); metrics that need no predictions take any."""
+    try:
+        out = predictions(output)
+    except UserError:
+        if cfg.name in ("auto", "none") and not cfg.extra:
+            return 1  # val/loss only: no predictions needed
+        raise
+    return out.shape[-1] if out.ndim > 1 else 1
+
+
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     """[lo, hi) of rank `rank`'s contiguous shard of `n` rows: the shards of ranks 0..world-1
     cover [0, n) exactly, sizes differ by at most one. Integer arithmetic (exact at any n)."""
@@ -221,10 +252,26 @@ def _preset_metrics(p: MetricPlan) -> dict[str, Any]:
     return {"mse": R.MeanSquaredError(), "mae": R.MeanAbsoluteError(), "r2": R.R2Score()}
 
 
+def batch_size(inputs: Any, target: Any) -> int:
+    """Samples in a batch: the target's rows, else the first tensor's among the inputs."""
+    for value in (target, inputs):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return len(value)
+    leaves = inputs.values() if isinstance(inputs, dict) else inputs
+    if isinstance(leaves, Iterable) and not isinstance(leaves, torch.Tensor | str):
+        for value in leaves:
+            n = batch_size(value, None) if not isinstance(value, torch.Tensor) else len(value)
+            if n:
+                return n
+    return 0
+
+
 class Evaluator:
     """Computes val/loss and the metrics of `metrics` (default: auto); every rank must call
     `evaluate` (it contains collectives). `num_outputs` is the model's output width (default:
-    the data's); `loss` computes val/loss from (output, target) (default: the task's loss)."""
+    the data's classes for tabular data; for a user Dataset, whose width only its model knows,
+    the width of the first batch's output); `loss` computes val/loss from (output, target)
+    (default: the task's loss)."""
 
     def __init__(
         self,
@@ -233,44 +280,58 @@ class Evaluator:
         metrics: MetricsConfig | None = None,
         num_outputs: int | None = None,
         loss: LossFn | None = None,
+        objects: Mapping[str, Any] | None = None,
     ) -> None:
-        import torchmetrics  # lazy: about a second of imports
-
-        cfg = metrics or MetricsConfig()
+        self.cfg = metrics or MetricsConfig()
         self.prep = prep
         self.task = prep.task
-        if num_outputs is None:
-            num_outputs = len(prep.classes) if prep.task == "multiclass" else 1
-        self.plan = plan(cfg, self.task, num_outputs)
+        self.device = device
+        self.objects = objects
         self.loss_fn: LossFn = loss or partial(task_loss, self.task)
+        self._width_checked = False
+        self.plan: MetricPlan | None = None
+        if num_outputs is None and (prep.classes or prep.task in ("binary", "regression")):
+            num_outputs = len(prep.classes) if prep.task == "multiclass" else 1
+        if num_outputs is not None:
+            self._build(num_outputs)
+
+    def _build(self, num_outputs: int) -> None:
+        import torchmetrics  # lazy: about a second of imports
+
+        cfg, device = self.cfg, self.device
+        self.plan = plan(cfg, self.task, num_outputs)
         preset = _preset_metrics(self.plan)
         assert tuple(preset) in (self.plan.preset, ()), "TASK_METRICS is out of date"
         preset = {k: v for k, v in preset.items() if k not in cfg.extra}  # an extra replaces it
         self.metrics = torchmetrics.MetricCollection(preset, prefix="val/").to(device)
-        self.extra = {k: m.to(device) for k, m in build_extras(cfg, self.plan).items()}
+        extras = build_extras(cfg, self.plan, self.objects)
+        self.extra = {k: m.to(device) for k, m in extras.items()}
         self.loss = torchmetrics.MeanMetric().to(device)
-        self._width_checked = False
 
     @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-    ) -> dict[str, float]:
-        """Metrics of `model` on this rank's shard, given as (x, y) batches, reduced over all
-        ranks (every rank must call this, with its own shard)."""
+    def evaluate(self, model: nn.Module, batches: Iterable[tuple[Any, Any]]) -> dict[str, float]:
+        """Metrics of `model` on this rank's shard, given as (inputs, target) batches, reduced
+        over all ranks (every rank must call this, with its own shard)."""
         was_training = model.training
         model.eval()
-        self.metrics.reset()
-        self.loss.reset()
-        for m in self.extra.values():
-            m.reset()
+        if self.plan is not None:
+            self._reset()
         for xb, yb in batches:
-            out = model(xb)
+            out = forward(model, xb)
+            if self.plan is None:  # a user Dataset: the first output says the width
+                self._build(_width(out, self.cfg))
+                self._reset()
             measured = bool(self.metrics or self.extra)
             if measured:
-                self._check_width(
-                    predictions(out)
-                )  # before the loss: its shape error would be less clear
-            self.loss.update(self.loss_fn(out, yb), weight=len(xb))
+                if yb is None:
+                    raise UserError(
+                        "the val/* metrics need the target, but the batches carry none (dict "
+                        f"samples without {self.prep.target!r}, data.target_key); add it to the "
+                        "samples or choose metrics=none"
+                    )
+                # Before the loss: its shape error would be less clear.
+                self._check_width(predictions(out))
+            self.loss.update(self.loss_fn(out, yb), weight=batch_size(xb, yb))
             if measured:
                 preds, target = self._predictions(predictions(out), yb)
                 if self.metrics:
@@ -284,10 +345,16 @@ class Evaluator:
             result[f"val/{name}"] = self._scalar(name, metric.compute())
         return result
 
+    def _reset(self) -> None:
+        self.metrics.reset()
+        self.loss.reset()
+        for m in self.extra.values():
+            m.reset()
+
     def _check_width(self, out: torch.Tensor) -> None:
         """Once: the model's actual output width is the one the metrics were built for (a
         custom model may not output what model.out_features asked for)."""
-        if self._width_checked:
+        if self._width_checked or self.plan.kind == "generic":
             return
         width = out.shape[-1] if out.ndim > 1 else 1
         if width != self.plan.width:
@@ -324,7 +391,9 @@ class Evaluator:
         if self.plan.kind == "binary":
             return torch.sigmoid(out.squeeze(-1)), y.long()
         if self.plan.kind == "multiclass":
-            return torch.softmax(out, dim=-1), y
+            return torch.softmax(out, dim=-1), y.long()
+        if self.plan.kind == "generic":
+            return out, y
         # Regression metrics are reported in the target's original units.
         scale, shift = self.prep.target_std, self.prep.target_mean
         return out.squeeze(-1) * scale + shift, y * scale + shift

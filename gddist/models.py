@@ -1,15 +1,19 @@
 """Models: built-ins (linear, mlp) and any user nn.Module named by `_target_`.
 
-Contract for a user model: `target(in_features=..., out_features=..., **kwargs)` returns an
-nn.Module mapping [batch, in_features] floats to [batch, out_features] logits (or predictions for
-regression). Input and output sizes always come from the data. `kwargs` are the other `model.*`
-keys but gddist's own (config.MODEL_OWN_KEYS: `sync_batchnorm`, applied by gddist/engine.py).
+Contract for a user model on tabular data: `target(in_features=..., out_features=...,
+**kwargs)` returns an nn.Module mapping [batch, in_features] floats to [batch, out_features]
+logits (or predictions for regression); input and output sizes come from the data. On a user
+Dataset (data=dataset) it is called `target(**kwargs)` alone: the model knows its own sizes.
+`kwargs` are the other `model.*` keys but gddist's own (config.MODEL_OWN_KEYS: `sync_batchnorm`,
+applied by gddist/engine.py). `forward` is how every batch reaches a model: `model(inputs)`, or
+`model(**inputs)` for a dict batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,7 +112,21 @@ def function_start(function: str, init: list[float] | None, seed: int) -> list[f
         return FunctionModel(function).point.tolist()
 
 
-def build(cfg: ModelConfig, in_features: int, out_features: int) -> nn.Module:
+def forward(model: nn.Module, inputs: Any) -> Any:
+    """The model's output for a batch's inputs: keyword arguments for a dict, else one argument."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def build(
+    cfg: ModelConfig, in_features: int | None, out_features: int | None, prebuilt: Any = None
+) -> nn.Module:
+    """The model of `cfg`; sizes None for a user Dataset (the model is built from its own keys).
+    `prebuilt` is gddist.fit's model: an nn.Module used as it is, or a factory called with the
+    model.* keys."""
+    if prebuilt is not None:
+        return _call_factory(prebuilt, cfg, f"the model passed to gddist.fit ({cfg.target})", {})
     if cfg.name == "function":
         return FunctionModel(cfg.function, cfg.init)
     if cfg.name == "linear":
@@ -118,16 +136,28 @@ def build(cfg: ModelConfig, in_features: int, out_features: int) -> nn.Module:
     factory = import_target(
         "model._target_", cfg.target, "an nn.Module class or factory, e.g. my_pkg.models.MyNet"
     )
+    sizes = {"in_features": in_features, "out_features": out_features}
+    if in_features is None:  # a user Dataset: the model knows its own sizes
+        sizes = {}
+    return _call_factory(factory, cfg, f"model._target_={cfg.target}", sizes)
+
+
+def _call_factory(factory: Any, cfg: ModelConfig, key: str, sizes: dict[str, Any]) -> nn.Module:
+    """`factory(**sizes, **model.* keys)` (or `factory` itself when it is already a module); a
+    factory that raises is one line keeping its message."""
+    if isinstance(factory, nn.Module):
+        return factory
     try:
-        model = factory(in_features=in_features, out_features=out_features, **cfg.kwargs)
-    except TypeError as e:
+        model = factory(**sizes, **cfg.kwargs)
+    except Exception as e:  # the user's constructor: its message is the useful part
+        message = " ".join(str(e).split())[:300] or type(e).__name__
+        wants = "in_features=, out_features= and " if sizes else ""
         raise UserError(
-            f"model._target_={cfg.target} could not be built ({e}); it must accept "
-            "in_features=, out_features= and the other model.* keys"
+            f"{key} could not be built ({type(e).__name__}: {message}); it is called with "
+            f"{wants}the other model.* keys ({', '.join(sorted(cfg.kwargs)) or 'none'})"
         ) from None
     if not isinstance(model, nn.Module):
-        kind = type(model).__name__
-        raise UserError(f"model._target_={cfg.target} returned a {kind}, not an nn.Module")
+        raise UserError(f"{key} returned a {type(model).__name__}, not an nn.Module")
     return model
 
 

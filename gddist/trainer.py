@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,7 @@ from gddist import losses as loss_mod
 from gddist import models, pending, rundir, tracking
 from gddist.checkpoint import Checkpointer
 from gddist.config import Config, UserError
-from gddist.data import GlobalBatches, TensorData, feeds
-from gddist.data.npy import NpyData
+from gddist.data import GlobalBatches, feeds
 from gddist.dist import Dist
 from gddist.early_stopping import EarlyStopping
 from gddist.io import atomic_save_json, atomic_torch_save, disk_errors, read_json
@@ -42,7 +42,16 @@ log = logging.getLogger("gddist")
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data: TensorData | NpyData, dist: Dist, run_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        data: Any,
+        dist: Dist,
+        run_dir: Path,
+        objects: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`data` is a source of gddist.data.build; `objects` are gddist.fit's Python objects by
+        config key (its "model" is a module or factory used instead of model._target_)."""
         self.cfg = cfg
         self.dist = dist
         self.run_dir = Path(run_dir)
@@ -69,7 +78,8 @@ class Trainer:
             self.max_steps,
         )
         # As gddist.run does, for direct callers: metrics and monitor fit the data and model.
-        check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs)
+        self.objects = objects or {}
+        check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs, self.objects)
         n_val = data.num_rows("val")
         if n_val < dist.world_size:
             raise UserError(
@@ -82,9 +92,12 @@ class Trainer:
         # Same initial weights on every rank and at every world size; then per-rank streams
         # (dropout) so ranks do not draw identical masks.
         torch.manual_seed(cfg.seed)
-        model = models.build(cfg.model, data.num_features, data.num_outputs).to(dist.device)
+        prebuilt = self.objects.get("model")
+        model = models.build(cfg.model, data.num_features, data.num_outputs, prebuilt)
+        model = model.to(dist.device)
         seed_rank(cfg.seed, dist.rank)
-        self.loss = loss_mod.build(cfg.loss, data.task, dist.device)  # checked at its first call
+        # Checked at its first call.
+        self.loss = loss_mod.build(cfg.loss, data.task, dist.device, self.objects.get("loss"))
         self.engine = engine_mod.build(cfg, model, dist)
         self.optimizer = self.engine.prepare_optimizer(
             build_optimizer(cfg.optimizer, model.parameters())
@@ -198,7 +211,7 @@ class Trainer:
             # Gradients are all-reduced once per optimizer step: on the last micro-batch.
             with self.engine.sync_context(sync=micro == accum - 1):
                 with self.engine.autocast():
-                    loss = self.loss(self.engine.model(x), y)
+                    loss = self.loss(models.forward(self.engine.model, x), y)
                     objective = loss + self.penalty() if self.penalty.active else loss
                 self.engine.backward(objective / accum if accum > 1 else objective)
             losses.append(loss.detach())
@@ -265,6 +278,7 @@ class Trainer:
                 self.cfg.metrics,
                 self.data.num_outputs,
                 loss=self.loss,
+                objects=self.objects,
             )
         batches = self.feed.val(*self.val_shard, self.cfg.data.eval_batch_size)
         metrics = self.evaluator.evaluate(self.engine.module, batches)

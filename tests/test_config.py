@@ -18,7 +18,8 @@ def options(group: str) -> list[str]:
         f"{g}={o}"
         for g in GROUPS
         for o in options(g)
-        if (g, o) not in {("data", "csv"), ("data", "npy"), ("model", "custom")}
+        if (g, o)
+        not in {("data", "csv"), ("data", "npy"), ("data", "dataset"), ("model", "custom")}
     ],
 )
 def test_every_group_option_composes_and_validates(override):
@@ -34,6 +35,21 @@ def test_csv_and_custom_model_compose_with_their_required_keys():
     assert (cfg.data.name, cfg.data.path, cfg.data.uses_dataloader) == ("npy", "d", True)
     cfg = Config.from_dict(compose("model=custom", "model._target_=a.B", "+model.width=3"))
     assert (cfg.model.name, cfg.model.target, cfg.model.kwargs) == ("custom", "a.B", {"width": 3})
+    cfg = Config.from_dict(
+        compose(
+            "data=dataset",
+            "data.train._target_=a.D",
+            "+data.train.split=x",
+            "model=custom",
+            "model._target_=a.B",
+            "loss=mse",
+        )
+    )
+    assert (cfg.data.train, cfg.data.val, cfg.data.uses_dataloader) == (
+        {"_target_": "a.D", "split": "x"},
+        None,
+        True,
+    )
 
 
 @pytest.mark.parametrize("name", options("experiment"))

@@ -96,6 +96,7 @@ class Config:
         ):
             section.validate()
         self._check_function_pairing()
+        self._check_dataset_pairing()
 
     def _check_function_pairing(self) -> None:
         """The dummy data of a function (data.name=function, which model=function sets) makes
@@ -105,6 +106,23 @@ class Config:
             raise UserError(
                 f"data.name={self.data.name} with model={self.model.name}: a function is minimized "
                 "with model=function alone (it sets data.name=function itself); drop the other one"
+            )
+
+    def _check_dataset_pairing(self) -> None:
+        """A user Dataset has no feature count to size a built-in model: it takes model=custom.
+        loss=auto and metrics=auto follow a tabular task; a Dataset's task comes from the loss."""
+        if self.data.name != "dataset":
+            return
+        if self.model.name != "custom":
+            raise UserError(
+                f"model={self.model.name} needs tabular data (its sizes come from the columns); "
+                "with data=dataset use model=custom model._target_=my_pkg.nets.MyNet"
+            )
+        if self.loss.name == "auto" and self.data.task == "auto":
+            raise UserError(
+                "data=dataset needs a loss: pass loss=cross_entropy, bce, mse, model (the model "
+                "computes it) or custom (loss._target_=...); or data.task=binary / multiclass / "
+                "regression for that task's loss"
             )
 
     def check_world(self, world_size: int) -> None:

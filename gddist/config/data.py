@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gddist.config.schema import UserError, check_choice, check_positive
 
-DATA_NAMES = ("purchase", "csv", "npy", "regression", "function")
+DATA_NAMES = ("purchase", "csv", "npy", "regression", "function", "dataset")
 # How training batches are served: indexing in-memory tensors, or a torch DataLoader with workers.
 LOADERS = ("auto", "memory", "dataloader")
 TASKS = ("auto", "binary", "multiclass", "regression")
@@ -28,6 +29,12 @@ class DataConfig:
     pin_memory: bool = True  # dataloader on CUDA: page-locked batches, copied without blocking
     persistent_workers: bool = True  # dataloader: keep the workers between evaluations
     prefetch_factor: int = 2  # dataloader: batches each worker reads ahead
+    # data=dataset (gddist/data/dataset.py): _target_ nodes of the user's map-style Datasets.
+    train: dict[str, Any] | None = None
+    val: dict[str, Any] | None = None  # null: data.val_fraction of train is held out
+    collate: Any = None  # null: default_collate; a function's dotted path or a _target_ node
+    target_key: str = "labels"  # dict samples: the key holding the target
+    seed_per_sample: bool = True  # seed torch/numpy/random from (seed, epoch, index) per sample
 
     def validate(self) -> None:
         check_choice("data", self.name, DATA_NAMES)
@@ -58,6 +65,12 @@ class DataConfig:
                 "data.path is required for data=npy; pass data.path=DIR (a directory holding "
                 "features.npy and target.npy)"
             )
+        if self.name == "dataset":
+            self._validate_dataset()
+        elif self.train is not None or self.val not in (None, {"_target_": None}) or self.collate:
+            key = "data.train" if self.train is not None else "data.val"
+            key = key if self.train is not None or self.val is not None else "data.collate"
+            raise UserError(f"{key} applies to data=dataset only (this run has data={self.name})")
         if self.name == "csv":
             if not self.path:
                 raise UserError("data.path is required for data=csv; pass data.path=my.csv")
@@ -66,7 +79,32 @@ class DataConfig:
                     "data.target is required for data=csv; pass data.target=<label column>"
                 )
 
+    def _validate_dataset(self) -> None:
+        empty = isinstance(self.val, dict) and self.val.get("_target_") is None
+        if empty and "_object_" not in self.val:  # the preset's empty node: hold out val rows
+            self.val = None
+        for key, node in (("data.train", self.train), ("data.val", self.val)):
+            if node is None and key == "data.val":
+                continue
+            if not isinstance(node, dict) or not ("_target_" in node or "_object_" in node):
+                raise UserError(
+                    f"{key} must be a node with a _target_ for data=dataset: pass "
+                    f"{key}._target_=my_pkg.data.MyDataset (a map-style torch Dataset class or "
+                    "factory) and its arguments as +{key}.<arg>=..."
+                )
+            if node.get("_target_") == "???":
+                raise UserError(f"{key}._target_ is required; pass {key}._target_=my_pkg.MyDataset")
+        if self.loader == "memory":
+            raise UserError(
+                "data.loader=memory does not apply to data=dataset: its samples are read by "
+                "__getitem__ through a DataLoader; drop data.loader"
+            )
+        if not self.target_key:
+            raise UserError("data.target_key must name the key of a dict sample holding the target")
+
     @property
     def uses_dataloader(self) -> bool:
         """True when training batches come from a torch DataLoader (see gddist/data/feeds.py)."""
-        return self.loader == "dataloader" or (self.loader == "auto" and self.name == "npy")
+        return self.loader == "dataloader" or (
+            self.loader == "auto" and self.name in ("npy", "dataset")
+        )

@@ -65,6 +65,8 @@ class MetricsConfig:
                 f"{key}={node!r} must be a node with a _target_, e.g. "
                 f"+{key}._target_=torchmetrics.classification.MulticlassAccuracy"
             )
+        if "_object_" in node:  # a torchmetrics object gddist.fit passes (named by its class)
+            return
         target = node.get("_target_")
         if target in (None, "", "???"):
             raise UserError(

@@ -3,16 +3,19 @@
     synthetic   generated tabular problems (purchase, regression, function)
     csv         a CSV file with a target column
     npy         a directory of features.npy + target.npy, memory-mapped
+    dataset     the user's own map-style torch Dataset, read sample by sample (DatasetData)
     tensors     TensorData (in-memory splits) and Preprocessing
     order       the global batch order: step -> rows, a pure function of (seed, step)
     feeds       how batches reach the loop: in-memory indexing or DataLoader workers
 
-`build(cfg, seed)` returns the source named by `data.name`.
+`build(cfg, seed)` returns the source named by `data.name`. Every source serves
+`num_rows(split)` and `read(split, rows, epoch)` -> (inputs, target) for split "train" or "val".
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +32,7 @@ from gddist.data.synthetic import (
 from gddist.data.tensors import Preprocessing, TensorData, _split, split_rows
 
 if TYPE_CHECKING:
+    from gddist.data.dataset import DatasetData
     from gddist.data.npy import NpyData
 
 __all__ = [
@@ -43,12 +47,25 @@ __all__ = [
 ]
 
 
-def build(cfg: DataConfig, seed: int) -> TensorData | NpyData:
+def build(
+    cfg: DataConfig,
+    seed: int,
+    *,
+    loss: str = "auto",
+    metrics: str = "auto",
+    objects: Mapping[str, Any] | None = None,
+) -> TensorData | NpyData | DatasetData:
     """Load or generate the dataset named by `cfg`; raises UserError on bad data.
 
     In-memory data is a `TensorData`; data=npy with the dataloader is an `NpyData`, which reads
-    its rows from disk on demand. Both serve `num_rows(split)` and batched `read(split, rows)`.
+    its rows from disk on demand; data=dataset is a `DatasetData` over the user's Datasets (built
+    here, in this process; `loss` and `metrics` name the run's loss and metrics presets, which
+    say what its batches hold, and `objects` are gddist.fit's Python objects by config key).
     """
+    if cfg.name == "dataset":
+        from gddist.data import dataset  # user datasets: hydra.utils.instantiate
+
+        return dataset.build(cfg, seed, loss, metrics, objects)
     if cfg.name == "purchase":
         columns, labels = make_purchase(cfg.num_samples, seed)
         task = "binary" if cfg.task == "auto" else cfg.task

@@ -2,14 +2,17 @@
 
 Both feeds serve `train(step, micro)`: this rank's slice of micro-batch `micro` of optimizer step
 `step` (`GlobalBatches.rows`), on the training device, and `val(lo, hi, batch_size)`: this rank's
-validation shard in batches. A batch is a pure function of the step, so the exact-resume position
+validation shard in batches. A batch is (inputs, target): tensors for tabular data; for a user
+Dataset (data=dataset) inputs may be a dict (or any nesting of tensors) and the target None
+(loss=model). A batch is a pure function of the step, so the exact-resume position
 is the step number alone; a resumed run starts reading at its checkpoint's step and reads the rows
 an uninterrupted run would have read, with or without workers.
 
 - `MemoryFeed` (data.loader=memory; the default for the built-in and CSV data): the dataset is
   tensors on the device and a batch is one indexing op: no per-sample __getitem__, no collate.
-- `WorkerFeed` (data.loader=dataloader; the default for data=npy): a torch DataLoader whose
-  "samples" are whole batches (batch_size=None; the dataset's key is (step, micro)), read by
+- `WorkerFeed` (data.loader=dataloader; the default for data=npy and data=dataset): a torch
+  DataLoader whose "samples" are whole batches (batch_size=None; the dataset's key is (step,
+  micro); a user Dataset's per-sample __getitem__ calls happen inside that read), read by
   `data.num_workers` worker processes up to `data.prefetch_factor` batches each ahead of the
   loop, into pinned memory on CUDA and copied to the device without blocking. Training reads one
   iteration over every remaining step (its workers live for the run); the validation loader is
@@ -20,17 +23,39 @@ an uninterrupted run would have read, with or without workers.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gddist.config import DataConfig
+from gddist.config import DataConfig, UserError
 from gddist.data.order import GlobalBatches
 from gddist.signals import STOP_SIGNALS
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[Any, Any]  # (inputs, target): tensors, or a user Dataset's (nested) containers
+
+
+class _Failed:
+    """A worker's UserError (e.g. a sample that cannot be collated), sent back as a value: the
+    training process raises it as the same one line (a raised error would arrive wrapped in the
+    worker's traceback)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _checked(read: Any, *args: Any) -> Any:
+    try:
+        return read(*args)
+    except UserError as e:
+        return _Failed(str(e))
+
+
+def _raise_failed(batch: Any) -> Any:
+    if isinstance(batch, _Failed):
+        raise UserError(batch.message)
+    return batch
 
 
 class _TrainBatches(Dataset):
@@ -42,10 +67,10 @@ class _TrainBatches(Dataset):
 
     def read(self, step: int, micro: int) -> Batch:
         rows = self.order.rows(step, micro, self.accum, self.rank, self.world)
-        return self.data.read("train", rows)
+        return self.data.read("train", rows, self.order.epoch_of(step))
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        return (*key, *self.read(*key))
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, Any]:
+        return (*key, _checked(self.read, *key))
 
 
 class _ValBatches(Dataset):
@@ -54,8 +79,8 @@ class _ValBatches(Dataset):
     def __init__(self, data: Any):
         self.data = data
 
-    def __getitem__(self, key: tuple[int, int]) -> Batch:
-        return self.data.read("val", slice(*key))
+    def __getitem__(self, key: tuple[int, int]) -> Batch | _Failed:
+        return _checked(self.data.read, "val", slice(*key))
 
 
 def _val_keys(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
@@ -74,7 +99,7 @@ class MemoryFeed:
         return self._train.read(step, micro)
 
     def val(self, lo: int, hi: int, batch_size: int) -> Iterator[Batch]:
-        return (self._val[key] for key in _val_keys(lo, hi, batch_size))
+        return (_raise_failed(self._val[key]) for key in _val_keys(lo, hi, batch_size))
 
     def close(self) -> None:
         """Nothing to release (see WorkerFeed.close)."""
@@ -118,10 +143,11 @@ class WorkerFeed:
     def train(self, step: int, micro: int) -> Batch:
         if self._next != (step, micro):
             self._train_iter = iter(self._train_loader(step, micro))
-        got_step, got_micro, x, y = next(self._train_iter)
+        got_step, got_micro, batch = next(self._train_iter)
         if (got_step, got_micro) != (step, micro):  # the DataLoader reorders nothing: a bug
             raise RuntimeError(f"loader yielded step {got_step}.{got_micro}, not {step}.{micro}")
         self._next = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
+        x, y = _raise_failed(batch)
         return self._to_device(x), self._to_device(y)
 
     def val(self, lo: int, hi: int, batch_size: int) -> Iterator[Batch]:
@@ -134,7 +160,8 @@ class WorkerFeed:
                 **self._options,
             )
             self._val_key = (lo, hi, batch_size)
-        for x, y in self._val_loader:
+        for batch in self._val_loader:
+            x, y = _raise_failed(batch)
             yield self._to_device(x), self._to_device(y)
 
     def close(self) -> None:
@@ -147,8 +174,20 @@ class WorkerFeed:
         keys = _Keys(first, step + 1, self.stop_step, self.accum)
         return DataLoader(self._train_set, sampler=keys, generator=_own_rng(), **self._options)
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, non_blocking=self._options["pin_memory"])
+    def _to_device(self, batch: Any) -> Any:
+        return to_device(batch, self.device, self._options["pin_memory"])
+
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """`batch` with every tensor in it (nested in dicts, lists, tuples) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        moved = [to_device(v, device, non_blocking) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
 
 
 class _Keys:

@@ -109,8 +109,11 @@ class NpyData:
         """Rows of split "train" or "val"."""
         return len(self.train_rows if split == "train" else self.val_rows)
 
-    def read(self, split: str, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(standardized float32 features, encoded targets) of `rows` of split "train"/"val".
+    def read(
+        self, split: str, rows: torch.Tensor | slice, epoch: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(standardized float32 features, encoded targets) of `rows` of split "train"/"val"
+        (the same in every epoch).
 
         Targets are encoded as for in-memory data: class index (float for binary, int64 for
         multiclass) or the standardized value (regression).

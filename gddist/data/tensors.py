@@ -78,8 +78,11 @@ class TensorData:
         """Rows of split "train" or "val"."""
         return len(self.y_train if split == "train" else self.y_val)
 
-    def read(self, split: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, targets) of `rows` (indices into split "train" or "val"), batched."""
+    def read(
+        self, split: str, rows: torch.Tensor | slice, epoch: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, targets) of `rows` (indices into split "train" or "val"), batched; the
+        same in every epoch."""
         if split == "train":
             return self.x_train[rows], self.y_train[rows]
         return self.x_val[rows], self.y_val[rows]

@@ -28,6 +28,8 @@ class Digits(Dataset):
     from two generators, both seeded per sample by gddist."""
 
     def __init__(self, split: str = "train", shift: int = 1, noise: float = 0.05, limit: int = 0):
+        if split not in ("train", "val"):
+            raise ValueError(f"no split {split!r}; choose train or val")
         images, labels = _digits()
         part = slice(0, 1400) if split == "train" else slice(1400, None)
         self.images, self.labels = images[part], labels[part]
@@ -89,3 +91,51 @@ class DictCNN(CNN):
 def smooth_ce(output: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
     """A custom loss function: label-smoothed cross-entropy."""
     return F.cross_entropy(output, target, label_smoothing=smoothing)
+
+
+class Empty(Dataset):
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, i: int):
+        raise IndexError(i)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable-style dataset: refused (gddist reads samples by index)."""
+
+    def __iter__(self):
+        yield from Digits("train")
+
+
+class Ragged(Digits):
+    """Sample `bad` is 9x8 instead of 8x8: it cannot be collated with the others."""
+
+    def __init__(self, bad: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.bad = bad
+
+    def __getitem__(self, i: int):
+        image, label = super().__getitem__(i)
+        if i == self.bad:
+            image = torch.cat([image, image[:, :1]], dim=1)
+        return image, label
+
+
+class NanDigits(Digits):
+    def __getitem__(self, i: int):
+        image, label = super().__getitem__(i)
+        return image * float("nan"), label
+
+
+class RandomDraws(Dataset):
+    """Sample i = (draws from torch, numpy and random, i): augmentation randomness made visible."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):
+        import random
+
+        draws = [torch.rand(()).item(), float(np.random.rand()), random.random()]
+        return torch.tensor(draws), torch.tensor(i)

@@ -152,9 +152,9 @@ def test_a_user_dataset_runs_from_the_command_line_with_workers(tmp_path):
 
 
 def test_gddist_fit_trains_python_objects_and_a_rerun_resumes(tmp_path):
-    import gddist
     from datasets_for_tests import CNN
 
+    import gddist
     from gddist.api import fit
 
     assert gddist.fit is fit

@@ -4,12 +4,17 @@ speed targets are read from the benchmark's report, not asserted in tests)."""
 from __future__ import annotations
 
 import json
+import math
+import random
 import statistics
 
 import pytest
+import torch
 
 from gddist import bench
+from gddist.bench.dataset import DATASET_QUICK, ShiftedPatterns
 from gddist.bench.system import parse_importtime
+from gddist.data.dataset import DatasetData, sample_seed, sample_seeds
 
 
 @pytest.mark.slow
@@ -91,3 +96,57 @@ def test_importtime_breakdown_charges_only_what_import_torch_does_not_load():
             {"module": "gddist.metrics", "ms": 30.0},
         ],
     }
+
+
+def test_dataset_workload_reports_ratios_and_seeding_cost_and_both_loops_train(tmp_path, capsys):
+    out = tmp_path / "dataset.json"
+    bench.main(["--only", "dataset", "--quick", "--reps", "1", "--json", str(out)])
+    report = capsys.readouterr().out
+    d = json.loads(out.read_text())["dataset"]
+    assert set(json.loads(out.read_text())) >= {"machine", "args", "dataset"}
+    for key in ("ratio", "unseeded_ratio", "seeding_ratio"):
+        assert math.isfinite(d[key]) and d[key] > 0, key
+    assert math.isfinite(d["seeding_us_per_sample"])
+    assert all(math.isfinite(v) and v > 0 for v in d["read_us_per_sample"].values())
+    for side in ("gddist", "plain", "gddist_unseeded"):
+        assert d[f"{side}_samples_s"] > 0
+        assert d["trained"][side]["steps"] == DATASET_QUICK.total  # every step ran and was timed
+    assert d["ratio"] == pytest.approx(d["gddist_samples_s"] / d["plain_samples_s"])
+    # Unseeded, gddist's workers read what the hand-written loop's workers read: same training.
+    assert d["unseeded_vs_plain_max_loss_diff"] <= 1e-6
+    assert f"| gddist/hand-written (target >= 1.00) | | {d['ratio']:.3f} | |" in report
+    assert f"{d['seeding_ratio']:.3f}, {d['seeding_us_per_sample']:.1f} |" in report
+
+
+def test_batched_sample_seeds_equal_the_per_sample_hash():
+    rng = random.Random(0)
+    for seed, epoch in ((0, 0), (7, -1), (2**40 + 3, 12), (1, 10**6)):
+        rows = [rng.randrange(10**7) for _ in range(40)] + [0, 1]
+        assert sample_seeds(seed, epoch, rows) == [sample_seed(seed, epoch, i) for i in rows]
+
+
+def _data(seed_per_sample: bool) -> DatasetData:
+    return DatasetData(
+        ShiftedPatterns(64),
+        ShiftedPatterns(16, "val"),
+        val_fraction=0.2,
+        seed=0,
+        task="multiclass",
+        target_key="labels",
+        keep_target=False,
+        seed_per_sample=seed_per_sample,
+    )
+
+
+def test_reading_in_the_training_process_keeps_its_rng_and_unseeded_batches_do_not_repeat():
+    rows = torch.arange(32)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    seeded, unseeded = _data(True), _data(False)
+    a, b = seeded.read("train", rows, 0)[0], seeded.read("train", rows, 0)[0]
+    c, d = unseeded.read("train", rows, 0)[0], unseeded.read("train", rows, 0)[0]
+    assert torch.equal(torch.rand(3), expected)  # the dropout stream is left alone
+    assert torch.equal(a, b)  # seeded: a pure function of (epoch, index)
+    assert not torch.equal(a, seeded.read("train", rows, 1)[0])  # another epoch, other shifts
+    assert not torch.equal(c, d)  # unseeded: the reader's stream runs on between batches

@@ -3,6 +3,7 @@
     python -m gddist.bench                               # everything (a few minutes on 2 CPU cores)
     python -m gddist.bench --size small --nproc 1 --reps 9
     python -m gddist.bench --quick --json bench.json     # a tiny run: checks the tool, not speed
+    python -m gddist.bench --only dataset                # the per-sample Dataset part alone
 
 Compare the ratios, not the absolute times: both sides run on the same machine at the same time.
 The report is a set of Markdown tables on stdout (and everything, per repetition, as JSON).
@@ -45,7 +46,21 @@ The report is a set of Markdown tables on stdout (and everything, per repetition
    measured twice: as the first save of a run (its staging buffers are allocated then) and as
    any later one (the buffers are reused). Target: async stall <= 0.2x the sync stall.
 
-Code: `loop.py` (parts 1 and 2), `system.py` (parts 3 and 4), this file (options and report).
+5. A per-sample Dataset (`--only dataset`; `--workers N`, `--dataset-samples N`, `--steps N`): a
+   small CNN on 8x8 single-channel images made in the bench (class patterns plus fixed noise, no
+   download), randomly shifted in `__getitem__`, read by 2 DataLoader workers. Three sides,
+   interleaved with a rotating first: gddist (`Trainer` with `data=dataset model=custom
+   loss=cross_entropy`, composed like train.py), a hand-written loop (a DataLoader over the same
+   Dataset with gddist's global batch order as its batch sampler, the same model, initial
+   weights, SGD and workers), and gddist with `data.seed_per_sample=false`. Samples/s from the
+   step clock of part 1; ratios against the hand-written loop (target >= 1.00) and the cost of
+   per-sample seeding (seeded over unseeded samples/s, and us/sample), also measured directly
+   as `read` in one process, seeded and unseeded. Unseeded, gddist's workers draw from the
+   streams the hand-written loop's workers draw from, so the two train identically (max abs
+   train loss diff, expected 0).
+
+Code: `loop.py` (parts 1 and 2), `system.py` (parts 3 and 4), `dataset.py` (part 5), this file
+(options and report).
 """
 
 from __future__ import annotations
@@ -63,6 +78,7 @@ from typing import Any
 
 import torch
 
+from gddist.bench.dataset import DATASET, DATASET_QUICK, dataset_bench
 from gddist.bench.loop import QUICK, WORKLOADS, memory, step_times
 from gddist.bench.system import checkpoint_stall, startup
 
@@ -170,10 +186,46 @@ def report(result: dict[str, Any]) -> str:
             f"| | {c['async_over_sync']:.2f}, {c['async_steady_over_sync']:.2f} |",
         ]
         lines.append("")
+    d = result.get("dataset")
+    if d:
+        r = d["read_us_per_sample"]
+        lines += [
+            f"| per-sample Dataset: CNN ({d['params']:,} params) on 8x8 images, shift in "
+            f"__getitem__, batch {d['batch']}, {d['workers']} workers, {d['reps']} runs "
+            "| samples/s | / hand-written | loss first -> last fifth |",
+            "|---|---|---|---|",
+        ]
+        names = {
+            "plain": "hand-written DataLoader loop (same batch order)",
+            "gddist": "gddist data=dataset (seed_per_sample=true)",
+            "gddist_unseeded": "gddist, data.seed_per_sample=false",
+        }
+        for side, name in names.items():
+            t = d["trained"][side]
+            lines.append(
+                f"| {name} | {_fmt(d[side + '_samples_s'])} "
+                f"| {d[side + '_samples_s'] / d['plain_samples_s']:.3f} "
+                f"| {t['loss_first']:.3f} -> {t['loss_last']:.3f} |"
+            )
+        lines += [
+            f"| gddist/hand-written (target >= 1.00) | | {d['ratio']:.3f} | |",
+            f"| per-sample seeding: seeded/unseeded samples/s, us/sample "
+            f"| | {d['seeding_ratio']:.3f}, {d['seeding_us_per_sample']:.1f} | |",
+            f"| per-sample seeding, one process reading: us/sample seeded, unseeded, cost "
+            f"| | {r['seeded']:.1f}, {r['unseeded']:.1f}, "
+            f"{d['read_seeding_us_per_sample']:.1f} | |",
+            "",
+            "Unseeded gddist against the hand-written loop (the same worker streams), max abs "
+            f"train loss diff: {d['unseeded_vs_plain_max_loss_diff']:.1g}",
+            "",
+        ]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- main
+
+
+PARTS = ("step_time", "memory", "startup", "checkpoint", "dataset")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -213,8 +265,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip",
         action="append",
         default=[],
-        choices=("step_time", "memory", "startup", "checkpoint"),
+        choices=PARTS,
         help="leave a part out",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=PARTS,
+        help="run only this part (repeatable; --skip still applies)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help=f"DataLoader workers of the dataset part (default {DATASET.workers})",
+    )
+    p.add_argument(
+        "--dataset-samples",
+        type=int,
+        help=f"training images of the dataset part (default {DATASET.num_samples})",
     )
     p.add_argument(
         "--no-importtime",
@@ -231,6 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(v is not None and v < 1 for v in (args.reps, args.steps)):
         p.error("--reps and --steps must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must be >= 0")
     return args
 
 
@@ -248,6 +319,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     nprocs = [1, 2] if args.nproc == "both" else [int(args.nproc)]
     reps = args.reps or (2 if args.quick else 5)
     importtime = not (args.quick or args.no_importtime)
+    dataset_load = DATASET_QUICK if args.quick else DATASET
+    changes = {
+        "steps": args.steps,
+        "workers": args.workers,
+        "num_samples": args.dataset_samples,
+    }
+    dataset_load = replace(dataset_load, **{k: v for k, v in changes.items() if v is not None})
     result: dict[str, Any] = {
         "machine": _machine(threads),
         "args": vars(args) | {"json": str(args.json) if args.json else None},
@@ -262,10 +340,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "checkpoint": lambda: checkpoint_stall(
                 int(1e6 if args.quick else args.ckpt_params), 1 if args.quick else min(reps, 3), tmp
             ),
+            "dataset": lambda: dataset_bench(dataset_load, reps, tmp),
         }
         result["part_s"] = {}
         for name, part in parts.items():
-            if name not in args.skip:
+            if name not in args.skip and (not args.only or name in args.only):
                 t0 = time.perf_counter()
                 result[name] = part()
                 result["part_s"][name] = time.perf_counter() - t0

@@ -15,11 +15,13 @@ Augmentation randomness keyed by sample (`data.seed_per_sample`, default on): be
 `__getitem__`, torch, numpy and `random` are seeded from a counter-based hash of (seed, epoch,
 sample index). A sample's augmentation is then a pure function of its epoch and index, so it is
 the same whatever `data.num_workers`, world size, prefetch or resume point: resume is exact and
-N processes read what 1 process reads. The global RNG states of the reading process are restored
-around each batch, so reading in the training process (num_workers=0) leaves its dropout stream
-alone. Off: `__getitem__` draws from each reader's own stream; runs repeat from a fresh start with
-the same num_workers and world size, but a resume or another num_workers or world size reads
-other augmentations.
+N processes read what 1 process reads. In the training process (num_workers=0) its global RNG
+states are restored around each batch, so reading leaves its dropout stream alone; a DataLoader
+worker's states are left as they are (only reading draws from them). Off: `__getitem__` draws
+from each reader's own stream, which runs on from batch to batch (a worker's, seeded by the
+DataLoader; in the training process one of its own, seeded from data.seed); runs repeat from a
+fresh start with the same num_workers and world size, but a resume or another num_workers or
+world size reads other augmentations.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, default_collate
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from gddist.config import UserError
 from gddist.data.tensors import Preprocessing, split_rows
@@ -39,6 +41,7 @@ from gddist.targets import import_target
 
 _MASK = (1 << 64) - 1
 VAL_EPOCH = -1  # validation samples are seeded alike at every evaluation
+READER_EPOCH = -2  # seeds the training process's own reader stream when samples are not seeded
 
 
 def _splitmix64(x: int) -> int:
@@ -53,6 +56,23 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed) ^ (epoch & _MASK)) ^ index) >> 1
 
 
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    """`_splitmix64` on a uint64 array (numpy's uint64 arithmetic wraps modulo 2**64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, indices: Sequence[int]) -> list[int]:
+    """`sample_seed(seed, epoch, i)` for every i in `indices` (non-negative), in one numpy pass:
+    the same values, a fraction of the per-sample cost of the Python-int hash."""
+    key = _splitmix64(_splitmix64(seed) ^ (epoch & _MASK))
+    with np.errstate(over="ignore"):
+        x = _splitmix64_np(np.asarray(indices, dtype=np.uint64) ^ np.uint64(key))
+    return (x >> np.uint64(1)).tolist()
+
+
 def seed_everything(s: int) -> None:
     """Seed the three generators a `__getitem__` may draw from. Only torch's CPU generator:
     torch.manual_seed would also reseed every CUDA generator (the training process's dropout
@@ -63,16 +83,40 @@ def seed_everything(s: int) -> None:
 
 
 class _RngGuard:
-    """Saves the reading process's torch / numpy / random states and restores them on exit."""
+    """Saves the reading process's torch / numpy / random states and restores them on exit.
+
+    With `own_seed` the reads inside draw from a stream of their own instead, which runs on from
+    one `with` to the next (seeded from `own_seed` at the first): a reader whose samples are not
+    seeded one by one (data.seed_per_sample=false) must not read every batch from the same
+    restored state, which would repeat one batch's augmentations in every batch."""
+
+    def __init__(self, own_seed: int | None = None) -> None:
+        self.own_seed = own_seed
+        self.own: tuple[Any, Any, Any] | None = None
 
     def __enter__(self) -> None:
-        self.states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        self.states = _get_states()
+        if self.own_seed is not None:
+            if self.own is None:
+                seed_everything(self.own_seed)
+            else:
+                _set_states(self.own)
 
     def __exit__(self, *exc: object) -> None:
-        t, n, r = self.states
-        torch.set_rng_state(t)
-        np.random.set_state(n)
-        random.setstate(r)
+        if self.own_seed is not None:
+            self.own = _get_states()
+        _set_states(self.states)
+
+
+def _get_states() -> tuple[Any, Any, Any]:
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _set_states(states: tuple[Any, Any, Any]) -> None:
+    t, n, r = states
+    torch.set_rng_state(t)
+    np.random.set_state(n)
+    random.setstate(r)
 
 
 def check_dataset(key: str, ds: Any) -> int:
@@ -130,6 +174,10 @@ class DatasetData:
         self.seed_per_sample = seed_per_sample
         self.collate = collate or default_collate
         self.collate_name = "data.collate" if collate else "default_collate"
+        # Reads in the training process (num_workers=0) keep its dropout stream alone; unseeded
+        # samples draw from a reader stream of their own (see _RngGuard).
+        own = None if seed_per_sample else sample_seed(seed, READER_EPOCH, 0)
+        self._guard = _RngGuard(own)
         n = check_dataset(names[0], train)
         if val is None:
             val_rows, train_rows = split_rows(n, val_fraction, seed)
@@ -152,13 +200,24 @@ class DatasetData:
         ds, indices, name = self._splits[split]
         picked = indices[rows] if isinstance(rows, slice) else [indices[i] for i in rows.tolist()]
         epoch = epoch if split == "train" else VAL_EPOCH
-        with _RngGuard():
-            samples = []
-            for index in picked:
-                if self.seed_per_sample:
-                    seed_everything(sample_seed(self.seed, epoch, index))
-                samples.append(ds[index])
+        if get_worker_info() is not None:
+            # A DataLoader worker's global RNG states belong to reading alone (nothing else in
+            # the worker draws from them): no guard, and with seeding off the worker's own
+            # stream runs on from batch to batch.
+            samples = self._samples(ds, picked, epoch)
+        else:
+            with self._guard:
+                samples = self._samples(ds, picked, epoch)
         return self._split_target(self._collate(samples, picked, name), name)
+
+    def _samples(self, ds: Any, picked: list[int], epoch: int) -> list[Any]:
+        if not self.seed_per_sample:
+            return [ds[index] for index in picked]
+        samples = []
+        for index, s in zip(picked, sample_seeds(self.seed, epoch, picked), strict=True):
+            seed_everything(s)
+            samples.append(ds[index])
+        return samples
 
     # ------------------------------------------------------------------ checks and batching
 

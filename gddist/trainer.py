@@ -37,6 +37,7 @@ from gddist.resume import restore
 from gddist.signals import StopSignals
 from gddist.state import rng_state, seed_rank
 from gddist.stopvote import StopVote
+from gddist.targets import import_target
 
 log = logging.getLogger("gddist")
 
@@ -115,6 +116,12 @@ class Trainer:
         self.evaluator: Evaluator | None = None  # built at the first evaluation (lazy import)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, dist, cfg.dist.timeout_s)
         self.signals = StopSignals()
+        # logger.on_end: imported now, so that a bad path fails before training.
+        self.on_end = None
+        if cfg.logger.on_end:
+            self.on_end = import_target(
+                "logger.on_end", cfg.logger.on_end, "a function (run_dir, config, model) -> dict"
+            )
 
         self.step = 0  # optimizer steps completed
         self.skipped_steps = 0
@@ -320,6 +327,7 @@ class Trainer:
                     weights = self.engine.module.state_dict().items()
                     state = {k: v.detach().cpu() for k, v in weights}
                     atomic_torch_save(state, self.run_dir / "model.pt")
+                    summary.update(self._on_end())
                 self.data.preprocessing.save(self.run_dir / "preprocessing.json")
                 atomic_save_json(summary, self.run_dir / "summary.json")
                 if self.cfg.logger.plots:
@@ -329,6 +337,21 @@ class Trainer:
         self.tracker.finish(summary)
         self.tracker.close()
         return summary
+
+    def _on_end(self) -> dict[str, Any]:
+        """logger.on_end's extra summary entries (rank 0, a run trained to its end): e.g. an
+        example's baselines on the same split, a text sample, a prediction plot."""
+        if self.on_end is None:
+            return {}
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                extra = self.on_end(self.run_dir, self.cfg.to_dict(), model)
+        finally:
+            model.train(was_training)
+        return dict(extra or {})
 
     # ------------------------------------------------------------------ state
 

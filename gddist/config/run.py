@@ -99,6 +99,9 @@ class LoggerConfig:
     name: str = "jsonl"  # jsonl (always on) | wandb (jsonl + wandb)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | none
     plots: bool = True  # PNG curves in RUN_DIR/plots/ at the end of a run
+    # A function's dotted path, called on rank 0 when a run has trained to its end:
+    # fn(run_dir, config dict, model) -> dict of extra summary entries (baselines, samples, plots).
+    on_end: str | None = None
     # wandb only. No API key field on purpose: wandb reads WANDB_API_KEY or its login file, so
     # a key never lands in a config, a log or a checkpoint.
     project: str = "gddist"

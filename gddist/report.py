@@ -1,5 +1,8 @@
 """Compare the jobs of a Hydra multirun: `python -m gddist.report MULTIRUN_DIR`.
 
+(`python -m gddist.report --examples [RUNS_DIR]` instead trains or reads the application presets
+and writes their results table: gddist/examples/table.py.)
+
 Reads every job dir of the sweep (JOB/.hydra/overrides.yaml, JOB/summary.json,
 JOB/metrics.jsonl) and writes MULTIRUN_DIR/report.md (a Markdown table, also printed) and
 MULTIRUN_DIR/report.png (the compared metric against step for every job; for model=function runs,
@@ -287,9 +290,18 @@ def spec_from_dict(options: dict[str, Any]) -> ReportSpec:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gddist.report",
-        description="Compare the jobs of a Hydra multirun: writes report.md and report.png.",
+        description="Compare the jobs of a Hydra multirun: writes report.md and report.png. "
+        "With --examples: the application presets' results table (RUNS_DIR/examples.md).",
     )
-    parser.add_argument("multirun_dir", type=Path, help="e.g. multirun/2025-01-31/12-00-00")
+    parser.add_argument(
+        "multirun_dir", type=Path, nargs="?", help="e.g. multirun/2025-01-31/12-00-00"
+    )
+    parser.add_argument(
+        "--examples", action="store_true", help="train/read the presets into the given dir "
+        "(default outputs/examples) and write their table"
+    )  # fmt: skip
+    parser.add_argument("--nproc", type=int, default=1, help="--examples: processes (torchrun)")
+    parser.add_argument("--only", nargs="+", help="--examples: these presets only")
     parser.add_argument("--metric", help="compared metric (default: train/loss)")
     parser.add_argument("--tolerance", type=float, help="target = optimum + tolerance")
     parser.add_argument("--optimum", type=float, help="known minimum (default: best in sweep)")
@@ -297,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--best", action="store_true", help="mark the best job")
     parser.add_argument("--x-axis", choices=("step", "samples"), help="report.png's x axis")
     args = parser.parse_args(argv)
+    if args.examples:
+        from gddist.examples import table
+
+        print(table.main(args.multirun_dir or Path("outputs/examples"), args.nproc, args.only))
+        return 0
+    if args.multirun_dir is None:
+        parser.error("give MULTIRUN_DIR (or --examples)")
     spec = spec_from_multirun(args.multirun_dir)
     for name in ("metric", "tolerance", "optimum", "sparsity_threshold", "x_axis"):
         if getattr(args, name) is not None:

@@ -63,11 +63,14 @@ class DictDigits(Digits):
 
 
 class CNN(nn.Module):
-    """conv(1 -> channels) -> ReLU -> conv -> ReLU -> pool -> [dropout] -> linear(10)."""
+    """conv(1 -> channels) -> [BatchNorm] -> ReLU -> conv -> ReLU -> pool -> [dropout] -> linear(10)."""
 
     def __init__(self, channels: int = 8, dropout: float = 0.0, batchnorm: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
+        # No conv1 bias before BatchNorm (the usual layout): BatchNorm subtracts it again, so its
+        # true gradient is 0 and Adam would scale the rounding noise left in it into lr-sized
+        # steps, a random walk that 1 and N processes (other rounding) walk differently.
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1, bias=not batchnorm)
         self.bn = nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         self.drop = nn.Dropout(dropout)

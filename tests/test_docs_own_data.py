@@ -62,8 +62,11 @@ def only_run_dir(root: Path, exclude: tuple[str, ...] = ()) -> Path:
 def test_the_doc_shows_every_file_and_four_commands():
     files = doc_files()
     assert set(files) == {
-        "my_project/digits.py", "my_project/nets.py", "my_project/fit_digits.py",
-        "my_project/conf/data/digits.yaml", "my_project/conf/model/cnn.yaml",
+        "my_project/digits.py",
+        "my_project/nets.py",
+        "my_project/fit_digits.py",
+        "my_project/conf/data/digits.yaml",
+        "my_project/conf/model/cnn.yaml",
     }
     assert len(doc_commands()) == 4
 

@@ -47,6 +47,17 @@ def run_name_resolver(*, _root_: Any) -> str:
     return run_name(config)
 
 
+def call_resolver(path: str) -> Any:
+    """`${gddist_call:pkg.module.fn}`: the value `fn()` returns, computed wherever the config is
+    resolved (every rank, before any data is read). For a value a small step must produce first,
+    e.g. `data.path: ${gddist_call:gddist.examples.healthcare.csv_path}` writes a CSV and names
+    it; the function must be deterministic and safe to run on several ranks at once."""
+    from gddist.targets import import_target
+
+    fn = import_target("${gddist_call:...}", path, "a function of no arguments")
+    return fn()
+
+
 def output_subdir() -> str | None:
     """Hydra writes .hydra/ (the composed config) from rank 0 only."""
     from gddist.dist import detect_launch
@@ -59,6 +70,7 @@ def register_resolvers() -> None:
 
     OmegaConf.register_new_resolver("gddist_run_name", run_name_resolver, replace=True)
     OmegaConf.register_new_resolver("gddist_output_subdir", output_subdir, replace=True)
+    OmegaConf.register_new_resolver("gddist_call", call_resolver, replace=True)
 
 
 def check_overrides(argv: Sequence[str], conf_dir: Path) -> None:

@@ -96,6 +96,12 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(output, target)
 
 
+def half_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5 * mse: the least-squares objective whose gradient is X^T (Xw - y) / n and Hessian
+    X^T X / n (no factor 2), for loss=custom loss._target_=gddist.losses.half_mse."""
+    return 0.5 * mse(output, target)
+
+
 def model_loss(output: Any, target: torch.Tensor) -> Any:
     """The loss the model computed: the output itself, output["loss"] or output.loss (None when
     there is none; the first-step check says so)."""

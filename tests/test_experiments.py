@@ -13,6 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from gddist.config import Config
+from gddist.examples import EXAMPLES
 from gddist.hydra_callbacks import SweepReport
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -38,6 +39,10 @@ def test_the_presets_are_the_ones_the_readme_promises():
     assert set(SWEEPS) == {
         "lr_sweep", "gd_variants", "regularization", "optimizers", "restarts", "objective"
     }  # fmt: skip
+
+
+def test_the_application_presets_are_single_runs():
+    assert set(EXAMPLES) <= set(PRESETS) - set(SWEEPS)
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -13,10 +13,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from gddist.config import Config
+from gddist.examples import EXAMPLES
 from gddist.hydra_callbacks import SweepReport
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-SWEEPS = [name for name in PRESETS if name != "smoke"]  # smoke is a single run
+# smoke and the application presets (gddist.examples) are single runs.
+SWEEPS = [name for name in PRESETS if name != "smoke" and name not in EXAMPLES]
 
 
 def sweep_params(name: str) -> dict[str, list[str]]:

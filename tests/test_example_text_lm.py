@@ -38,7 +38,7 @@ from gddist.examples import text_lm
 # The full preset's val/loss on Python 3.11 (docs/examples/text_lm.md). Another Python reads
 # other source (the text varies with the version), so the exact number is only checked on 3.11;
 # every version must still beat the bigram baseline by a wide margin.
-README_VAL_LOSS = 1.5065
+README_VAL_LOSS = 1.4921
 TOLERANCE = 0.02  # float differences between CPUs / torch builds over 600 steps
 # The smallest text of the list (data.val and the model follow data.train by interpolation).
 SHORT = ["experiment=text_lm", "trainer.max_steps=4", "trainer.eval_every=0",
@@ -141,7 +141,7 @@ def test_the_full_preset_reproduces_its_number_and_beats_the_bigram(tmp_path):
 
 
 # Short runs for the distributed and resume checks: the smallest text keeps them ~seconds.
-EXACT = ["experiment=text_lm", "data.train.modules=[string,textwrap]", "trainer.max_steps=80",
+EXACT = ["experiment=text_lm", "data.train.modules=[string,textwrap]", "trainer.max_steps=60",
          "trainer.log_every=1", "trainer.eval_every=30", "logger.progress=none",
          "logger.plots=false"]  # fmt: skip
 
@@ -153,7 +153,7 @@ def test_two_processes_train_what_one_does(tmp_path):
     check(cli(*no_dropout, f"hydra.run.dir={one}"))
     check(torchrun(2, *no_dropout, f"hydra.run.dir={two}"))
     a, b = train_losses(one), train_losses(two)
-    assert a.keys() == b.keys() == set(range(1, 81))
+    assert a.keys() == b.keys() == set(range(1, 61))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
     assert max_weight_diff(load_model(one), load_model(two)) < 1e-5
 
@@ -165,10 +165,10 @@ def test_sigkill_mid_run_then_the_same_command_ends_bit_identical(tmp_path):
     uninterrupted, killed = tmp_path / "a", tmp_path / "b"
     check(cli(*args, f"hydra.run.dir={uninterrupted}"))
     proc = start(cli_cmd(*args, f"hydra.run.dir={killed}"))
-    wait_until(lambda: last_step(killed) >= 50, 120, "step 50", proc)
+    wait_until(lambda: last_step(killed) >= 45, 120, "step 45", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and last_step(killed) < 80  # killed before the end
+    assert proc.returncode == -signal.SIGKILL and last_step(killed) < 60  # killed before the end
     again = check(cli(*args, f"hydra.run.dir={killed}"))
     assert (
         "resumed from" in again.stdout + again.stderr

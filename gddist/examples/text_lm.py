@@ -176,7 +176,10 @@ class CausalSelfAttention(nn.Module):
         if d_model % n_head:
             raise ValueError(f"d_model={d_model} is not a multiple of n_head={n_head}")
         self.n_head = n_head
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        # No bias: a key bias adds q.b to every score of a query, which the softmax ignores, so
+        # its gradient is exactly zero but for float noise, and Adam would scale that noise up
+        # to lr-sized steps (runs that differ only in reduction order would then drift apart).
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model)
         # Dropout on the output only, not on the attention weights: on CPU drawing a [B, heads,
         # T, T] mask costs as much as the rest of the step, for no gain in a sub-epoch run.

@@ -329,6 +329,8 @@ class Trainer:
                     atomic_torch_save(state, self.run_dir / "model.pt")
                     summary.update(self._on_end())
                 self.data.preprocessing.save(self.run_dir / "preprocessing.json")
+                # What gddist.runs reads back (evaluate, predict, explain), with the summary.
+                atomic_save_json(self.cfg.to_dict(), self.run_dir / "config.json")
                 atomic_save_json(summary, self.run_dir / "summary.json")
                 if self.cfg.logger.plots:
                     from gddist.plots import plot_run  # lazy: matplotlib is a second of imports

@@ -55,6 +55,7 @@ OUTPUTS = (
     "summary.json",
     "model.pt",
     "preprocessing.json",
+    "config.json",
     "plots",
 )
 ARCHIVE = "archive"

@@ -89,12 +89,23 @@ def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
 def load(run_dir: Path, which: str = "final", overrides: Sequence[str] = ()) -> LoadedRun:
     """The run's model with the weights of `which`, its config (with `overrides`) and data."""
     from gddist import data as data_mod
-    from gddist import models
 
     cfg = Config.from_dict(config(run_dir, overrides))
     data = data_mod.build(cfg.data, cfg.seed, loss=cfg.loss.name, metrics=cfg.metrics.name)
+    model = build_model(run_dir, cfg, data.num_features, data.num_outputs, which)
+    return LoadedRun(Path(run_dir), cfg, model, data)
+
+
+def build_model(
+    run_dir: Path, cfg: Config, num_features: int | None, num_outputs: int | None, which: str
+) -> nn.Module:
+    """The model of `cfg` with the given sizes and the weights of `which`, on CPU, in eval mode
+    (for callers that know the sizes without reading the training data, e.g. from
+    preprocessing.json)."""
+    from gddist import models
+
     torch.manual_seed(cfg.seed)  # as the trainer: a model whose init draws stays reproducible
-    model = models.build(cfg.model, data.num_features, data.num_outputs)
+    model = models.build(cfg.model, num_features, num_outputs)
     state = weights(run_dir, which)
     try:
         model.load_state_dict(state)
@@ -103,4 +114,4 @@ def load(run_dir: Path, which: str = "final", overrides: Sequence[str] = ()) -> 
             f"the weights of {which} do not fit the model of {run_dir}'s config: "
             f"{str(e).splitlines()[0]}"
         ) from None
-    return LoadedRun(Path(run_dir), cfg, model.eval(), data)
+    return model.eval()

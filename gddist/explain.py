@@ -160,11 +160,11 @@ def plot(path: Path, table: list[tuple[str, float, float]], title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [t[0] for t in table][::-1]  # largest on top
-    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.4 * len(table)))
+    fig, ax = plt.subplots(figsize=(7.5, 1.6 + 0.4 * len(table)))
     ax.barh(names, [t[1] for t in table][::-1], xerr=[t[2] for t in table][::-1], capsize=4)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("drop in score when the column is shuffled (mean ± std over repeats)")
-    ax.set_title(title)
+    ax.set_xlabel("drop in score with the column shuffled (mean ± std over repeats)")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

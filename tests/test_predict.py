@@ -92,6 +92,11 @@ def test_binary_yes_no_labels_and_positive_probability(tmp_path):
     mine = torch.tensor([float(got[i]["prob_yes"]) for i in val_rows], dtype=torch.float64)
     assert (mine - p).abs().max().item() <= 1e-6
     assert [got[i]["prediction"] for i in val_rows] == ["yes" if v > 0.5 else "no" for v in p]
+    # --checkpoint: the final step's checkpoint holds model.pt's weights, so the same file.
+    (ckpt,) = (tmp_path / "run" / "checkpoints").iterdir()
+    out = tmp_path / "from_ckpt.csv"
+    assert predict.main([str(tmp_path / "run"), str(data), "--checkpoint", str(ckpt), "--out", str(out)]) == 0  # fmt: skip
+    assert out.read_text() == (tmp_path / "run" / "predictions.csv").read_text()
 
 
 def test_regression_in_original_units(tmp_path):

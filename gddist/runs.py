@@ -66,10 +66,28 @@ def config(run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return cfg
 
 
+def best_path(run_dir: Path) -> Path:
+    """checkpoint.save_best's file of a run: best.pt in its checkpoint dir."""
+    ck = json.loads((Path(run_dir) / CONFIG).read_text()).get("checkpoint", {})
+    return (Path(ck["dir"]) if ck.get("dir") else Path(run_dir) / "checkpoints") / "best.pt"
+
+
 def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
-    """The state_dict of `which`: "final" (model.pt) or a checkpoint directory's path."""
+    """The state_dict of `which`: "final" (model.pt), "best" (checkpoint.save_best's best.pt)
+    or a checkpoint directory's path."""
     from gddist.checkpoint_files import STATE, CorruptCheckpoint, safe_load, verify
 
+    if which == "best":
+        path = best_path(run_dir)
+        if not path.is_file():
+            raise UserError(
+                f"{path} does not exist: the run was trained without checkpoint.save_best "
+                "(pass checkpoint.save_best=val/<metric> when training), or use --checkpoint final"
+            )
+        try:
+            return safe_load(path)["model"]
+        except (CorruptCheckpoint, OSError, KeyError) as e:
+            raise UserError(f"{path} cannot be used: {e}") from None
     if which == "final":
         path = Path(run_dir) / "model.pt"
         if not path.is_file():
@@ -79,6 +97,17 @@ def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
             )
         return torch.load(path, map_location="cpu", weights_only=True)
     path = Path(which)
+    if not path.exists():
+        raise UserError(
+            f"checkpoint {path} does not exist; pass final, best, a checkpoint directory "
+            "(RUN_DIR/checkpoints/step_*) or a weights file"
+        )
+    if path.is_file():  # a state_dict file (model.pt) or a best.pt
+        try:
+            state = safe_load(path)
+        except CorruptCheckpoint as e:
+            raise UserError(f"checkpoint {path} cannot be used: {e}") from None
+        return state["model"] if isinstance(state, dict) and "model" in state else state
     try:
         verify(path)
         return safe_load(path / STATE)["model"]
@@ -89,12 +118,22 @@ def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
 def load(run_dir: Path, which: str = "final", overrides: Sequence[str] = ()) -> LoadedRun:
     """The run's model with the weights of `which`, its config (with `overrides`) and data."""
     from gddist import data as data_mod
-    from gddist import models
 
     cfg = Config.from_dict(config(run_dir, overrides))
     data = data_mod.build(cfg.data, cfg.seed, loss=cfg.loss.name, metrics=cfg.metrics.name)
+    model = build_model(run_dir, cfg, data.num_features, data.num_outputs, which)
+    return LoadedRun(Path(run_dir), cfg, model, data)
+
+
+def build_model(
+    run_dir: Path, cfg: Config, num_features: int | None, num_outputs: int | None, which: str
+) -> nn.Module:
+    """The model of `cfg` with `num_features` inputs and `num_outputs` outputs (as the data
+    decided them when the run trained), with the weights of `which`, on CPU in eval mode."""
+    from gddist import models
+
     torch.manual_seed(cfg.seed)  # as the trainer: a model whose init draws stays reproducible
-    model = models.build(cfg.model, data.num_features, data.num_outputs)
+    model = models.build(cfg.model, num_features, num_outputs)
     state = weights(run_dir, which)
     try:
         model.load_state_dict(state)
@@ -103,4 +142,4 @@ def load(run_dir: Path, which: str = "final", overrides: Sequence[str] = ()) -> 
             f"the weights of {which} do not fit the model of {run_dir}'s config: "
             f"{str(e).splitlines()[0]}"
         ) from None
-    return LoadedRun(Path(run_dir), cfg, model.eval(), data)
+    return model.eval()

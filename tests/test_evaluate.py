@@ -178,3 +178,35 @@ def test_two_process_evaluate_equals_one(run: Path, tmp_path: Path):
     assert got["processes"] == 2 and '"processes": 2' in two.stdout
     for key in ("test/loss", "test/roc_auc", "test/accuracy", "test/precision"):
         assert got[key] == pytest.approx(one[key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_docs_evaluate_commands_as_written(tmp_path: Path):
+    """docs/evaluate.md's ```bash blocks, run as written from a folder holding train.py and
+    conf/; its printed numbers are the ones they produce."""
+    import os
+    import re
+
+    doc = (ROOT / "docs" / "evaluate.md").read_text()
+    (tmp_path / "train.py").symlink_to(ROOT / "train.py")
+    (tmp_path / "conf").symlink_to(ROOT / "conf")
+    env = clean_env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # python, torchrun
+    for command in re.findall(r"```bash\n(.*?)```", doc, re.S):
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+    run_dir = tmp_path / "runs" / "purchase"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    one = json.loads((run_dir / "eval.json").read_text())
+    two = json.loads((run_dir / "eval_2proc.json").read_text())
+    best = json.loads((run_dir / "eval_best.json").read_text())
+    new = json.loads((run_dir / "eval_new.json").read_text())
+    for key in ("test/roc_auc", "test/accuracy", "test/loss"):
+        assert one[key] == summary[key] and two[key] == pytest.approx(one[key], abs=1e-6)
+        assert best[key] == summary[key.replace("test/", "test_best/")]
+    assert f'"test/roc_auc": {one["test/roc_auc"]}' in doc  # the doc shows this run's numbers
+    assert f'"eval/roc_auc": {new["eval/roc_auc"]}' in doc and new["rows"] == 500
+    best_json = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert json.dumps(best_json) in doc

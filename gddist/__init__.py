@@ -44,7 +44,7 @@ def run(cfg: Any, run_dir: str | Path, objects: Mapping[str, Any] | None = None)
     from gddist import rundir
     from gddist.config import Config
     from gddist.engine import check_precision
-    from gddist.metrics import check_monitor
+    from gddist.metrics import check_monitor, check_save_best
     from gddist.signals import requeue_slurm_job
     from gddist.trainer import Trainer
 
@@ -60,6 +60,7 @@ def run(cfg: Any, run_dir: str | Path, objects: Mapping[str, Any] | None = None)
     # The task's metrics are known from here on: the metrics config, its extras and the
     # monitored metric are checked before the process group is joined.
     check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs, objects)
+    check_save_best(cfg.checkpoint.save_best, data.task, cfg.metrics)
     dist = dist_mod.init(cfg.dist, env)
     lock = None
     try:

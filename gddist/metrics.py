@@ -139,6 +139,17 @@ def check_monitor(
         )
 
 
+def check_save_best(save_best: str | None, task: str, metrics: MetricsConfig | None = None) -> None:
+    """Before training: UserError when checkpoint.save_best names a metric the run does not
+    compute."""
+    names = metric_names(task, metrics)
+    if save_best is not None and save_best not in names:
+        raise UserError(
+            f"checkpoint.save_best={save_best!r} is not a validation metric of this run "
+            f"({task}); choose one of: {', '.join(names)}"
+        )
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 

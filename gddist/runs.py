@@ -66,10 +66,28 @@ def config(run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return cfg
 
 
+def best_path(run_dir: Path) -> Path:
+    """checkpoint.save_best's file of a run: best.pt in its checkpoint dir."""
+    ck = json.loads((Path(run_dir) / CONFIG).read_text()).get("checkpoint", {})
+    return (Path(ck["dir"]) if ck.get("dir") else Path(run_dir) / "checkpoints") / "best.pt"
+
+
 def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
-    """The state_dict of `which`: "final" (model.pt) or a checkpoint directory's path."""
+    """The state_dict of `which`: "final" (model.pt), "best" (checkpoint.save_best's best.pt)
+    or a checkpoint directory's path."""
     from gddist.checkpoint_files import STATE, CorruptCheckpoint, safe_load, verify
 
+    if which == "best":
+        path = best_path(run_dir)
+        if not path.is_file():
+            raise UserError(
+                f"{path} does not exist: the run was trained without checkpoint.save_best "
+                "(pass checkpoint.save_best=val/<metric> when training), or use --checkpoint final"
+            )
+        try:
+            return safe_load(path)["model"]
+        except (CorruptCheckpoint, OSError, KeyError) as e:
+            raise UserError(f"{path} cannot be used: {e}") from None
     if which == "final":
         path = Path(run_dir) / "model.pt"
         if not path.is_file():
@@ -79,6 +97,17 @@ def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
             )
         return torch.load(path, map_location="cpu", weights_only=True)
     path = Path(which)
+    if not path.exists():
+        raise UserError(
+            f"checkpoint {path} does not exist; pass final, best, a checkpoint directory "
+            "(RUN_DIR/checkpoints/step_*) or a weights file"
+        )
+    if path.is_file():  # a state_dict file (model.pt) or a best.pt
+        try:
+            state = safe_load(path)
+        except CorruptCheckpoint as e:
+            raise UserError(f"checkpoint {path} cannot be used: {e}") from None
+        return state["model"] if isinstance(state, dict) and "model" in state else state
     try:
         verify(path)
         return safe_load(path / STATE)["model"]

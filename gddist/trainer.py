@@ -30,7 +30,7 @@ from gddist.data import GlobalBatches, feeds
 from gddist.dist import Dist
 from gddist.early_stopping import EarlyStopping
 from gddist.io import atomic_save_json, atomic_torch_save, disk_errors, read_json
-from gddist.metrics import Evaluator, check_monitor, shard_bounds
+from gddist.metrics import Evaluator, check_monitor, check_save_best, shard_bounds
 from gddist.optim import Penalty, build_optimizer, build_scheduler, horizon, is_constant, is_plateau
 from gddist.pending import Diverged
 from gddist.resume import restore
@@ -40,6 +40,8 @@ from gddist.stopvote import StopVote
 from gddist.targets import import_target
 
 log = logging.getLogger("gddist")
+
+BEST = "best.pt"  # checkpoint.save_best's weights, in the checkpoint dir
 
 
 class Trainer:
@@ -81,6 +83,7 @@ class Trainer:
         # As gddist.run does, for direct callers: metrics and monitor fit the data and model.
         self.objects = objects or {}
         check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs, self.objects)
+        check_save_best(cfg.checkpoint.save_best, data.task, cfg.metrics)
         n_val = data.num_rows("val")
         if n_val < dist.world_size:
             raise UserError(
@@ -128,6 +131,9 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.early_stopping = EarlyStopping(cfg.early_stopping)
+        # checkpoint.save_best: {"metric", "mode", "value", "step"} of the weights in best.pt, in
+        # the trainer state, so that a resumed run only replaces them with better ones.
+        self.best: dict[str, Any] | None = None
         self.stop_reason: str | None = None  # "early_stopping" or a signal name
         self.stop_signal: int | None = None
         self.stop_vote: StopVote | None = None  # created by fit()
@@ -277,28 +283,97 @@ class Trainer:
         self._evaluate()
         self._interval_start += time.perf_counter() - began
 
+    def _evaluate_build(self) -> None:
+        self.evaluator = Evaluator(
+            self.data.preprocessing,
+            self.dist.device,
+            self.cfg.metrics,
+            self.data.num_outputs,
+            loss=self.loss,
+            objects=self.objects,
+        )
+
     def _evaluate(self) -> None:
         if self.evaluator is None:
-            self.evaluator = Evaluator(
-                self.data.preprocessing,
-                self.dist.device,
-                self.cfg.metrics,
-                self.data.num_outputs,
-                loss=self.loss,
-                objects=self.objects,
-            )
+            self._evaluate_build()
         batches = self.feed.val(*self.val_shard, self.cfg.data.eval_batch_size)
         metrics = self.evaluator.evaluate(self.engine.module, batches)
         if is_plateau(self.scheduler):
             self.scheduler.step(metrics["val/loss"])
         self.last_eval = metrics
+        self._save_best(metrics)
         self._early_stopping(metrics)
         self.tracker.log(
             {"step": self.step, "epoch": self.batches.epoch_of(self.step - 1), **metrics}
         )
 
+    @property
+    def best_path(self) -> Path:
+        """checkpoint.save_best's weights: outside the step_* dirs, so pruning never sees them."""
+        return self.checkpointer.dir / BEST
+
+    def _save_best(self, metrics: dict[str, float]) -> None:
+        """checkpoint.save_best: rank 0 writes the weights when the metric improved on the best
+        so far (the decision is made from global metrics, alike on every rank). A best of
+        another metric or mode (changed on resume) does not count."""
+        ck = self.cfg.checkpoint
+        if ck.save_best is None:
+            return
+        value = metrics[ck.save_best]  # checked before training (check_save_best)
+        best = self.best
+        if best is not None and (best["metric"], best["mode"]) == (ck.save_best, ck.best_mode):
+            better = value < best["value"] if ck.best_mode == "min" else value > best["value"]
+            if not better:
+                return
+        self.best = {"metric": ck.save_best, "mode": ck.best_mode, "value": value}
+        self.best["step"] = self.step
+        if self.dist.is_main:
+            weights = self.engine.module.state_dict().items()
+            state = {k: v.detach().cpu() for k, v in weights}
+            with disk_errors(self.best_path, "checkpoint.dir"):
+                self.best_path.parent.mkdir(parents=True, exist_ok=True)
+                # One file holds weights and facts, renamed into place when complete: a crash
+                # leaves the previous best or this one, never a mix. best.json is a copy to read.
+                atomic_torch_save({"model": state, **self.best}, self.best_path)
+                atomic_save_json(self.best, self.best_path.with_suffix(".json"))
+
+    def _test_metrics(self) -> dict[str, float]:
+        """test/<metric> of the final model and, with checkpoint.save_best, test_best/<metric>
+        of the best one, on the test split (every rank evaluates its shard: exact over the
+        whole split, like val). Empty without a test split."""
+        n = self.data.num_rows("test")
+        if n == 0:
+            return {}
+        if n < self.dist.world_size:
+            raise UserError(
+                f"{n} test rows cannot be shared by {self.dist.world_size} processes; raise "
+                "data.test_fraction"
+            )
+        shard = shard_bounds(n, self.dist.rank, self.dist.world_size)
+        bs = self.cfg.data.eval_batch_size
+        if self.evaluator is None:
+            self._evaluate_build()
+        model = self.engine.module
+        out = self.evaluator.evaluate(model, self.feed.val(*shard, bs, "test"))
+        result = {"test/" + k.removeprefix("val/"): v for k, v in out.items()}
+        # Rank 0 wrote best.pt during an evaluation; a collective orders that before the reads.
+        self.dist.barrier()
+        if self.cfg.checkpoint.save_best and self.best_path.is_file():
+            import copy
+
+            best = copy.deepcopy(model)
+            saved = torch.load(self.best_path, map_location=self.dist.device, weights_only=True)
+            best.load_state_dict(saved["model"])
+            out = self.evaluator.evaluate(best, self.feed.val(*shard, bs, "test"))
+            result.update({"test_best/" + k.removeprefix("val/"): v for k, v in out.items()})
+            result["test_best/step"] = saved["step"]
+        return result
+
     def finish(self, divergence: Diverged | None, wall_time: float) -> dict[str, Any]:
         self.checkpointer.wait()  # an async save still being written completes first
+        tested = {}
+        if divergence is None and self.stop_signal is None:
+            tested = self._test_metrics()
         self.feed.close()  # DataLoader workers exit
         if self.stop_vote is not None:  # complete the collective in flight
             self.stop_vote.close()
@@ -307,6 +382,7 @@ class Trainer:
             "epoch": self.batches.epoch_of(max(self.step - 1, 0)),
             "train/loss": self.last_train_loss,
             **self.last_eval,
+            **tested,
             "diverged": divergence is not None,
             "wall_time_s": wall_time,
         }
@@ -374,6 +450,7 @@ class Trainer:
                 "last_train_loss": self.last_train_loss,
                 "last_eval": self.last_eval,
                 **self.early_stopping.state_dict(),
+                "best": self.best,
                 "start_max_steps": self.start_max_steps,
             },
             "config": self.cfg.to_dict(),

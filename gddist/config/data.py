@@ -23,6 +23,11 @@ class DataConfig:
     batch_size: int = 64  # GLOBAL samples per optimizer step
     eval_batch_size: int = 1024  # per rank
     val_fraction: float = 0.2
+    # Tabular sources (purchase, regression, csv, npy) and data=dataset without data.test: the
+    # fraction of ALL rows held out as a test split, cut by the seeded split before the val rows
+    # (so turning it on moves the val and train rows). The test rows are never trained on nor
+    # validated on; 0: no test split (the split of a run without one, bit for bit).
+    test_fraction: float = 0.0
     # auto: npy (memory-mapped, read as needed) -> dataloader, everything else -> memory.
     loader: str = "auto"
     num_workers: int = 2  # dataloader: reader processes per rank (0: read in the training process)
@@ -32,6 +37,7 @@ class DataConfig:
     # data=dataset (gddist/data/dataset.py): _target_ nodes of the user's map-style Datasets.
     train: dict[str, Any] | None = None
     val: dict[str, Any] | None = None  # null: data.val_fraction of train is held out
+    test: dict[str, Any] | None = None  # null: data.test_fraction of train (0: no test split)
     collate: Any = None  # null: default_collate; a function's dotted path or a _target_ node
     target_key: str = "labels"  # dict samples: the key holding the target
     seed_per_sample: bool = True  # seed torch/numpy/random from (seed, epoch, index) per sample
@@ -50,6 +56,14 @@ class DataConfig:
                 f"data.val_fraction={self.val_fraction} must be between 0 and 1 (exclusive); "
                 "use e.g. data.val_fraction=0.2"
             )
+        if not 0.0 <= self.test_fraction < 1.0 or self.test_fraction + self.val_fraction >= 1:
+            raise UserError(
+                f"data.test_fraction={self.test_fraction} must be >= 0 and leave training rows "
+                f"beside data.val_fraction={self.val_fraction} (their sum must be < 1); "
+                "use e.g. data.test_fraction=0.2"
+            )
+        if self.test_fraction and self.name == "function":
+            raise UserError("data.test_fraction does not apply to model=function; drop it")
         generated = self.name in ("purchase", "regression")
         if generated and (self.num_samples is None or self.num_samples < 10):
             raise UserError(
@@ -67,6 +81,11 @@ class DataConfig:
             )
         if self.name == "dataset":
             self._validate_dataset()
+        elif self.test not in (None, {"_target_": None}):
+            raise UserError(
+                f"data.test applies to data=dataset only (this run has data={self.name}); "
+                "use data.test_fraction to hold out test rows"
+            )
         elif self.train is not None or self.val not in (None, {"_target_": None}) or self.collate:
             key = "data.train" if self.train is not None else "data.val"
             key = key if self.train is not None or self.val is not None else "data.collate"
@@ -83,8 +102,12 @@ class DataConfig:
         empty = isinstance(self.val, dict) and self.val.get("_target_") is None
         if empty and "_object_" not in self.val:  # the preset's empty node: hold out val rows
             self.val = None
-        for key, node in (("data.train", self.train), ("data.val", self.val)):
-            if node is None and key == "data.val":
+        empty = isinstance(self.test, dict) and self.test.get("_target_") is None
+        if empty and "_object_" not in self.test:
+            self.test = None
+        nodes = (("data.train", self.train), ("data.val", self.val), ("data.test", self.test))
+        for key, node in nodes:
+            if node is None and key != "data.train":
                 continue
             if not isinstance(node, dict) or not ("_target_" in node or "_object_" in node):
                 raise UserError(

@@ -60,6 +60,10 @@ class CheckpointConfig:
     dir: str | None = None  # default: RUN_DIR/checkpoints
     allow_changes: bool = False  # resume even if model shape / global batch / seed changed
     async_save: bool = False  # `checkpoint.async`: write in a background thread
+    # A val/* metric: at each evaluation where it improved (best_mode: min or max), rank 0 writes
+    # the weights to <checkpoint dir>/best.pt (+ best.json), which keep_last never prunes.
+    save_best: str | None = None
+    best_mode: str = "min"  # min: lower is better (val/loss, val/mse); max: val/accuracy, ...
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointConfig:
@@ -74,6 +78,12 @@ class CheckpointConfig:
         check_positive("checkpoint.keep_last", self.keep_last)
         if not self.resume:
             raise UserError("checkpoint.resume must be auto, never or a checkpoint path")
+        check_choice("checkpoint.best_mode", self.best_mode, ("min", "max"))
+        if self.save_best is not None and not str(self.save_best).startswith("val/"):
+            raise UserError(
+                f"checkpoint.save_best={self.save_best!r} must be a validation metric such as "
+                "val/loss (with checkpoint.best_mode=min) or val/accuracy (best_mode=max)"
+            )
 
 
 @dataclass

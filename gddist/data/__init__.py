@@ -9,7 +9,9 @@
     feeds       how batches reach the loop: in-memory indexing or DataLoader workers
 
 `build(cfg, seed)` returns the source named by `data.name`. Every source serves
-`num_rows(split)` and `read(split, rows, epoch)` -> (inputs, target) for split "train" or "val".
+`num_rows(split)` and `read(split, rows, epoch)` -> (inputs, target) for split "train", "val" or
+"test" (`num_rows("test")` is 0 when the run has no test split: data.test_fraction=0, no
+data.test).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def build(
             raise UserError(f"data=purchase is a binary task; data.task={cfg.task} does not apply")
         specs = [{"name": n, "kind": "numeric"} for n in PURCHASE_FEATURES]
         prep = Preprocessing(task="binary", features=specs, target="purchased", classes=[0.0, 1.0])
-        data = _split(columns, labels, prep, cfg.val_fraction, seed)
+        data = _split(columns, labels, prep, cfg.val_fraction, seed, cfg.test_fraction)
         # The generating logit in standardized units: w_raw . (mean + std * z) + b.
         std = torch.tensor([f["std"] for f in prep.features], dtype=torch.float64)
         mean = torch.tensor([f["mean"] for f in prep.features], dtype=torch.float64)
@@ -89,13 +91,13 @@ def build(
         columns, target = make_regression(cfg.num_samples, seed)
         specs = [{"name": n, "kind": "numeric"} for n in columns]
         prep = Preprocessing(task="regression", features=specs, target="y")
-        return _split(columns, target, prep, cfg.val_fraction, seed)
+        return _split(columns, target, prep, cfg.val_fraction, seed, cfg.test_fraction)
     if cfg.name == "function":
         return function_data(cfg)
     if cfg.name == "npy":
         from gddist.data.npy import NpyData  # memory-mapped: rows are read as batches need them
 
-        disk = NpyData.open(cfg.path, cfg.task, cfg.val_fraction, seed)
+        disk = NpyData.open(cfg.path, cfg.task, cfg.val_fraction, seed, cfg.test_fraction)
         return disk if cfg.uses_dataloader else disk.materialize()
     from gddist.data.csv import infer_task, read_csv  # only CSV runs pay for the csv module
 
@@ -103,5 +105,6 @@ def build(
     task, classes = infer_task(label, cfg.task, cfg.path)
     specs = [{"name": c.name, "kind": c.kind} for c in features]
     prep = Preprocessing(task=task, features=specs, target=label.name, classes=classes)
-    data = _split({c.name: c.values for c in features}, label.values, prep, cfg.val_fraction, seed)
+    columns = {c.name: c.values for c in features}
+    data = _split(columns, label.values, prep, cfg.val_fraction, seed, cfg.test_fraction)
     return data

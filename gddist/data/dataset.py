@@ -3,7 +3,9 @@
 `data.train` (and optionally `data.val`) are Hydra `_target_` nodes that each rank builds itself
 (`hydra.utils.instantiate`), or, through `gddist.fit`, Dataset objects handed over directly.
 When `data.val` is null, `data.val_fraction` of the train indices is held out by the seeded split
-(`split_rows`, as for tabular data). A batch is `__getitem__` of each of its rows, then
+(`split_rows3`, as for tabular data). A test split (never trained or validated on) is
+`data.test` (`+data.test._target_=...`), or else `data.test_fraction` of the train indices, held
+out first. A batch is `__getitem__` of each of its rows, then
 `default_collate` (or `data.collate`), then (inputs, target):
 
 - a sample `(input, target)`: the model gets `input`, the loss `target`;
@@ -35,7 +37,7 @@ import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from gddist.config import UserError
-from gddist.data.tensors import Preprocessing, split_rows
+from gddist.data.tensors import Preprocessing, split_rows3
 from gddist.losses import describe
 from gddist.targets import import_target
 
@@ -167,7 +169,9 @@ class DatasetData:
         keep_target: bool,
         seed_per_sample: bool,
         collate: Callable[[list[Any]], Any] | None = None,
-        names: tuple[str, str] = ("data.train", "data.val"),
+        names: tuple[str, ...] = ("data.train", "data.val", "data.test"),
+        test: Any | None = None,
+        test_fraction: float = 0.0,
     ) -> None:
         self.seed, self.task = seed, task
         self.target_key, self.keep_target = target_key, keep_target
@@ -179,21 +183,33 @@ class DatasetData:
         own = None if seed_per_sample else sample_seed(seed, READER_EPOCH, 0)
         self._guard = _RngGuard(own)
         n = check_dataset(names[0], train)
+        test_name = names[2] if len(names) > 2 else "data.test"
+        # Held out of train by the seeded split, test rows first (split_rows3): only the
+        # fractions whose split has no Dataset of its own.
+        held_test = test_fraction if test is None else 0.0
+        test_rows, val_rows, train_rows = split_rows3(
+            n, val_fraction if val is None else 0.0, seed, held_test
+        )
         if val is None:
-            val_rows, train_rows = split_rows(n, val_fraction, seed)
             self._splits = {"train": (train, train_rows.tolist(), names[0])}
             self._splits["val"] = (train, val_rows.tolist(), f"{names[0]} (held out)")
         else:
             m = check_dataset(names[1], val)
+            rows = torch.cat([val_rows, train_rows]).sort().values.tolist() if held_test else None
             self._splits = {
-                "train": (train, list(range(n)), names[0]),
+                "train": (train, rows or list(range(n)), names[0]),
                 "val": (val, list(range(m)), names[1]),
             }
+        if test is not None:
+            self._splits["test"] = (test, list(range(check_dataset(test_name, test))), test_name)
+        elif held_test:
+            self._splits["test"] = (train, test_rows.tolist(), f"{names[0]} (held-out test)")
         self.preprocessing = Preprocessing(task=task, target=target_key)
         self._check_first_sample()
 
     def num_rows(self, split: str) -> int:
-        return len(self._splits[split][1])
+        """Rows of split "train", "val" or "test" (0: no test split)."""
+        return len(self._splits[split][1]) if split in self._splits else 0
 
     def read(self, split: str, rows: torch.Tensor | slice, epoch: int = VAL_EPOCH) -> Any:
         """(inputs, target) of `rows` of `split` (train rows seeded by `epoch`)."""
@@ -223,7 +239,7 @@ class DatasetData:
 
     def _check_first_sample(self) -> None:
         """Before any training: the first sample of each split has a layout gddist can use."""
-        for split in ("train", "val"):
+        for split in self._splits:
             ds, indices, name = self._splits[split]
             with _RngGuard():
                 sample = ds[indices[0]]
@@ -340,6 +356,7 @@ def build(cfg: Any, seed: int, loss: str, metrics: str, objects: Mapping | None)
             )
     train = instantiate("data.train", cfg.train, objects)
     val = None if cfg.val is None else instantiate("data.val", cfg.val, objects)
+    test = None if cfg.test is None else instantiate("data.test", cfg.test, objects)
     return DatasetData(
         train,
         val,
@@ -350,4 +367,6 @@ def build(cfg: Any, seed: int, loss: str, metrics: str, objects: Mapping | None)
         keep_target=loss == "model",
         seed_per_sample=cfg.seed_per_sample,
         collate=collate,
+        test=test,
+        test_fraction=cfg.test_fraction,
     )

@@ -74,13 +74,13 @@ class _TrainBatches(Dataset):
 
 
 class _ValBatches(Dataset):
-    """Key (start, stop) -> validation rows start:stop."""
+    """Key (start, stop) -> rows start:stop of `split` (validation, or the test split)."""
 
-    def __init__(self, data: Any):
-        self.data = data
+    def __init__(self, data: Any, split: str = "val"):
+        self.data, self.split = data, split
 
     def __getitem__(self, key: tuple[int, int]) -> Batch | _Failed:
-        return _checked(self.data.read, "val", slice(*key))
+        return _checked(self.data.read, self.split, slice(*key))
 
 
 def _val_keys(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
@@ -93,13 +93,15 @@ class MemoryFeed:
 
     def __init__(self, data: Any, order: GlobalBatches, accum: int, rank: int, world: int):
         self._train = _TrainBatches(data, order, accum, rank, world)
-        self._val = _ValBatches(data)
+        self._data = data
 
     def train(self, step: int, micro: int) -> Batch:
         return self._train.read(step, micro)
 
-    def val(self, lo: int, hi: int, batch_size: int) -> Iterator[Batch]:
-        return (_raise_failed(self._val[key]) for key in _val_keys(lo, hi, batch_size))
+    def val(self, lo: int, hi: int, batch_size: int, split: str = "val") -> Iterator[Batch]:
+        """Rows lo:hi of `split` ("val" or "test") in batches of `batch_size`."""
+        rows = _ValBatches(self._data, split)
+        return (_raise_failed(rows[key]) for key in _val_keys(lo, hi, batch_size))
 
     def close(self) -> None:
         """Nothing to release (see WorkerFeed.close)."""
@@ -125,7 +127,7 @@ class WorkerFeed:
     ):
         self.accum, self.stop_step, self.device = accum, stop_step, device
         self._train_set = _TrainBatches(data, order, accum, rank, world)
-        self._val_set = _ValBatches(data)
+        self._data = data
         workers = cfg.num_workers
         self._options: dict[str, Any] = {
             "batch_size": None,  # the dataset returns whole batches: no per-sample collate
@@ -138,7 +140,7 @@ class WorkerFeed:
         self._train_iter: Iterator | None = None
         self._next: tuple[int, int] | None = None  # the key the running iteration yields next
         self._val_loader: DataLoader | None = None
-        self._val_key: tuple[int, int, int] | None = None
+        self._val_key: tuple[int, int, int, str] | None = None
 
     def train(self, step: int, micro: int) -> Batch:
         if self._next != (step, micro):
@@ -150,16 +152,17 @@ class WorkerFeed:
         x, y = _raise_failed(batch)
         return self._to_device(x), self._to_device(y)
 
-    def val(self, lo: int, hi: int, batch_size: int) -> Iterator[Batch]:
-        if self._val_loader is None or self._val_key != (lo, hi, batch_size):
+    def val(self, lo: int, hi: int, batch_size: int, split: str = "val") -> Iterator[Batch]:
+        """Rows lo:hi of `split` ("val" or "test"), read by the workers."""
+        if self._val_loader is None or self._val_key != (lo, hi, batch_size, split):
             self._val_loader = DataLoader(
-                self._val_set,
+                _ValBatches(self._data, split),
                 sampler=_val_keys(lo, hi, batch_size),
                 persistent_workers=self._persistent,
                 generator=_own_rng(),
                 **self._options,
             )
-            self._val_key = (lo, hi, batch_size)
+            self._val_key = (lo, hi, batch_size, split)
         for batch in self._val_loader:
             x, y = _raise_failed(batch)
             yield self._to_device(x), self._to_device(y)

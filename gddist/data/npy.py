@@ -24,7 +24,7 @@ import torch
 
 from gddist.config import UserError
 from gddist.data.csv import decide_task
-from gddist.data.tensors import Preprocessing, TensorData, split_rows
+from gddist.data.tensors import Preprocessing, TensorData, split_rows3
 
 FEATURES, TARGET = "features.npy", "target.npy"
 # Rows per chunk of the opening pass (a few MB at typical widths; bounded memory at any size).
@@ -45,9 +45,12 @@ class NpyData:
     num_outputs: int
     preprocessing: Preprocessing
     _maps: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    test_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
-    def open(cls, path: str, task: str, val_fraction: float, seed: int) -> NpyData:
+    def open(
+        cls, path: str, task: str, val_fraction: float, seed: int, test_fraction: float = 0.0
+    ) -> NpyData:
         """Check and open DIR; raises UserError (naming the file, and the row and column of a bad
         value) before any training."""
         root = Path(path)
@@ -70,7 +73,8 @@ class NpyData:
                 f"{root / TARGET}: shape {y.shape}; it must hold one value per row of "
                 f"{FEATURES} ({len(x)} rows)"
             )
-        val, train = (part.numpy() for part in split_rows(len(x), val_fraction, seed))
+        split = split_rows3(len(x), val_fraction, seed, test_fraction)
+        test, val, train = (part.numpy() for part in split)
         mean, std = _train_statistics(root / FEATURES, x, train)
         bad = np.flatnonzero(~np.isfinite(y)) if y.dtype.kind == "f" else []
         if len(bad):
@@ -94,6 +98,7 @@ class NpyData:
             path=root,
             train_rows=train,
             val_rows=val,
+            test_rows=test,
             mean=mean,
             std=std,
             task=task,
@@ -106,8 +111,8 @@ class NpyData:
         return len(self.mean)
 
     def num_rows(self, split: str) -> int:
-        """Rows of split "train" or "val"."""
-        return len(self.train_rows if split == "train" else self.val_rows)
+        """Rows of split "train", "val" or "test"."""
+        return len(getattr(self, f"{split}_rows"))
 
     def read(
         self, split: str, rows: torch.Tensor | slice, epoch: int = 0
@@ -118,7 +123,7 @@ class NpyData:
         Targets are encoded as for in-memory data: class index (float for binary, int64 for
         multiclass) or the standardized value (regression).
         """
-        index = self.train_rows if split == "train" else self.val_rows
+        index = getattr(self, f"{split}_rows")
         file_rows = index[rows.numpy() if isinstance(rows, torch.Tensor) else rows]
         features, target = self._open()
         x = (features[file_rows].astype(np.float64) - self.mean) / self.std
@@ -137,6 +142,7 @@ class NpyData:
         serves, so the two loaders train alike."""
         x_train, y_train = self.read("train", slice(None))
         x_val, y_val = self.read("val", slice(None))
+        x_test, y_test = self.read("test", slice(None)) if len(self.test_rows) else (None, None)
         return TensorData(
             x_train=x_train,
             y_train=y_train,
@@ -145,6 +151,8 @@ class NpyData:
             task=self.task,
             num_outputs=self.num_outputs,
             preprocessing=self.preprocessing,
+            x_test=x_test,
+            y_test=y_test,
         )
 
     def to(self, device: torch.device) -> NpyData:

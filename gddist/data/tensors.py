@@ -69,35 +69,45 @@ class TensorData:
     preprocessing: Preprocessing
     true_coef: torch.Tensor | None = None  # purchase: the generating model in standardized units
     true_bias: float | None = None
+    x_test: torch.Tensor | None = None  # data.test_fraction > 0: the held-out test rows
+    y_test: torch.Tensor | None = None
 
     @property
     def num_features(self) -> int:
         return self.x_train.shape[1]
 
     def num_rows(self, split: str) -> int:
-        """Rows of split "train" or "val"."""
-        return len(self.y_train if split == "train" else self.y_val)
+        """Rows of split "train", "val" or "test" (0 when there is no test split)."""
+        y = getattr(self, f"y_{split}")
+        return 0 if y is None else len(y)
 
     def read(
         self, split: str, rows: torch.Tensor | slice, epoch: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, targets) of `rows` (indices into split "train" or "val"), batched; the
-        same in every epoch."""
-        if split == "train":
-            return self.x_train[rows], self.y_train[rows]
-        return self.x_val[rows], self.y_val[rows]
+        """(features, targets) of `rows` (indices into split "train", "val" or "test"), batched;
+        the same in every epoch."""
+        return getattr(self, f"x_{split}")[rows], getattr(self, f"y_{split}")[rows]
 
     def to(self, device: torch.device) -> TensorData:
-        for name in ("x_train", "y_train", "x_val", "y_val"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
 
 def _split(
-    columns: dict[str, list], labels: list, prep: Preprocessing, val_fraction: float, seed: int
+    columns: dict[str, list],
+    labels: list,
+    prep: Preprocessing,
+    val_fraction: float,
+    seed: int,
+    test_fraction: float = 0.0,
 ) -> TensorData:
-    """Split rows deterministically from the seed, then fit the preprocessing on the train rows."""
-    val_rows, train_rows = (part.tolist() for part in split_rows(len(labels), val_fraction, seed))
+    """Split rows deterministically from the seed, then fit the preprocessing on the train rows
+    (never on the val or test rows)."""
+    test_rows, val_rows, train_rows = (
+        part.tolist() for part in split_rows3(len(labels), val_fraction, seed, test_fraction)
+    )
 
     def rows(values: list, idx: list[int]) -> list:
         return [values[i] for i in idx]
@@ -113,6 +123,7 @@ def _split(
     x = prep.transform(columns)
     y = _encode_target(labels, prep, train_rows)
     val_idx, train_idx = torch.tensor(val_rows), torch.tensor(train_rows)
+    test_idx = torch.tensor(test_rows, dtype=torch.long) if test_rows else None
     return TensorData(
         x_train=x[train_idx],
         y_train=y[train_idx],
@@ -121,16 +132,36 @@ def _split(
         task=prep.task,
         num_outputs=len(prep.classes) if prep.task == "multiclass" else 1,
         preprocessing=prep,
+        x_test=None if test_idx is None else x[test_idx],
+        y_test=None if test_idx is None else y[test_idx],
     )
 
 
 def split_rows(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(validation rows, training rows) of n rows: a permutation drawn from the seed, cut once."""
+    _, val, train = split_rows3(n, val_fraction, seed)
+    return val, train
+
+
+def split_rows3(
+    n: int, val_fraction: float, seed: int, test_fraction: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(test rows, validation rows, training rows) of n rows: one permutation drawn from the
+    seed, cut twice: the first round(n * test_fraction) rows are the test split (none at 0),
+    the next max(1, round(n * val_fraction)) the validation split, the rest train. Both
+    fractions are of all n rows; with test_fraction=0 the val and train rows are those of
+    `split_rows`, and any test_fraction > 0 moves them (the test rows come first)."""
+    n_test = round(n * test_fraction) if test_fraction else 0
+    if test_fraction and n_test < 1:
+        raise UserError(f"data.test_fraction={test_fraction} holds out no row of {n}; raise it")
     n_val = max(1, round(n * val_fraction))
-    if n - n_val < 1:
-        raise UserError(f"data.val_fraction={val_fraction} leaves no training rows out of {n}")
+    if n - n_val - n_test < 1:
+        raise UserError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave no "
+            f"training rows out of {n}"
+        )
     perm = torch.randperm(n, generator=generator(seed, _STREAM_SPLIT))
-    return perm[:n_val], perm[n_val:]
+    return perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
 
 
 def _encode_target(labels: list, prep: Preprocessing, train_rows: list[int]) -> torch.Tensor:

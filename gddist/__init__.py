@@ -44,7 +44,8 @@ def run(cfg: Any, run_dir: str | Path, objects: Mapping[str, Any] | None = None)
     from gddist import rundir
     from gddist.config import Config
     from gddist.engine import check_precision
-    from gddist.metrics import check_monitor
+    from gddist.hparams import check_metric
+    from gddist.metrics import check_monitor, metric_names
     from gddist.signals import requeue_slurm_job
     from gddist.trainer import Trainer
 
@@ -60,6 +61,7 @@ def run(cfg: Any, run_dir: str | Path, objects: Mapping[str, Any] | None = None)
     # The task's metrics are known from here on: the metrics config, its extras and the
     # monitored metric are checked before the process group is joined.
     check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs, objects)
+    check_metric(cfg.optimized_metric, metric_names(data.task, cfg.metrics))
     dist = dist_mod.init(cfg.dist, env)
     lock = None
     try:

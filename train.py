@@ -31,12 +31,13 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg) -> None:
+def main(cfg):
     # `record` goes on the task body, inside Hydra: Hydra turns any exception into a report and
     # SystemExit(1), which `record` lets pass unrecorded. Here it sees the exception itself and,
     # under torchrun, writes it to the worker's error file, so the launcher's failure report
     # carries the failing rank's traceback. One-line errors (exit 2, 4) are SystemExits: unchanged.
-    record(task)(cfg)
+    # The return value (the objective, when optimized_metric is set) is what a sweeper reads.
+    return record(task)(cfg)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def run(cfg: Any, run_dir: str | Path, objects: Mapping[str, Any] | None = None)
     from gddist import rundir
     from gddist.config import Config
     from gddist.engine import check_precision
-    from gddist.metrics import check_monitor, check_save_best
+    from gddist.hparams import check_metric
+    from gddist.metrics import check_monitor, check_save_best, metric_names
     from gddist.signals import requeue_slurm_job
     from gddist.trainer import Trainer
 
@@ -61,6 +62,7 @@ def run(cfg: Any, run_dir: str | Path, objects: Mapping[str, Any] | None = None)
     # monitored metric are checked before the process group is joined.
     check_monitor(cfg.early_stopping, data.task, cfg.metrics, data.num_outputs, objects)
     check_save_best(cfg.checkpoint.save_best, data.task, cfg.metrics)
+    check_metric(cfg.optimized_metric, metric_names(data.task, cfg.metrics))
     dist = dist_mod.init(cfg.dist, env)
     lock = None
     try:

@@ -79,8 +79,14 @@ def check_overrides(argv: Sequence[str], conf_dir: Path) -> None:
     Hydra would reject them too, but with a multi-line report. An unknown `group=option` lists the
     choices; any other composition error (an unknown key, a bad value type) is condensed to its
     message. Runs only for plain `key=value` command lines (not with Hydra flags like -m or -cn).
+    First, on any command line, an Optuna sweep started under torchrun or srun is refused
+    (gddist.hparams.check_sweep_launch).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from gddist.hparams import check_sweep_launch
+
+    check_sweep_launch(argv, conf_dir)
 
     flags = any(a.startswith("-") for a in argv)  # -m, --cfg job, -cn NAME ...
     args = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -95,7 +101,11 @@ def check_overrides(argv: Sequence[str], conf_dir: Path) -> None:
         if group.startswith("hydra/"):  # Hydra's own groups also take installed plugins' options
             if group == "hydra/launcher" and o.value() == "slurm":
                 _require_submitit()
+            if group == "hydra/sweeper" and o.value() == "optuna":
+                _require_optuna()
             continue
+        if group == "hparams_search" and not o.is_delete():  # every preset uses the optuna sweeper
+            _require_optuna()
         if dirs is None or o.is_delete() or o.package:
             continue
         groups = [d / group for d in dirs if (d / group).is_dir()]
@@ -167,6 +177,17 @@ def _require_submitit() -> None:
         )
 
 
+def _require_optuna() -> None:
+    """conf/hparams_search/* choose the plugin's optuna sweeper: say how to get it."""
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        raise UserError(
+            "hparams_search (hydra/sweeper=optuna) needs the Hydra Optuna sweeper; "
+            "pip install 'gddist[optuna]' (or hydra-optuna-sweeper)"
+        )
+
+
 def _one_line(e: Exception) -> str:
     unknown = re.match(r"Could not override '([^']+)'", str(e))
     if unknown:
@@ -191,13 +212,20 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
-def task(cfg: Any) -> dict[str, Any] | None:
-    """The body of the Hydra task function: DictConfig in, a trained run in the Hydra run dir."""
+def task(cfg: Any) -> dict[str, Any] | float | None:
+    """The body of the Hydra task function: DictConfig in, a trained run in the Hydra run dir.
+
+    Returns the run's summary dict, or, when `optimized_metric` is set, its objective as a float
+    (gddist.hparams.objective: the metric's final value; the worst value of
+    `hydra.sweeper.direction`, +inf or -inf, for a diverged run), the job's return value that
+    Hydra's sweepers read. Every rank returns it; launchers of multi-process jobs report rank 0's.
+    """
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     import gddist
     from gddist.dist import PeerFailure, detect_launch
+    from gddist.hparams import direction_of, objective
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -205,6 +233,9 @@ def task(cfg: Any) -> dict[str, Any] | None:
         logging.getLogger("gddist").setLevel(logging.WARNING)
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        metric = plain.get("optimized_metric")
+        if metric is not None:  # checked before training: the basic sweeper has no direction
+            direction = direction_of(hydra_cfg.sweeper.get("direction", "minimize"))
         summary = gddist.run(plain, run_dir)
     except UserError as e:
         fail(str(e))
@@ -220,4 +251,8 @@ def task(cfg: Any) -> dict[str, Any] | None:
     multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
     if summary["diverged"] and not multirun:  # in a sweep a diverged job is a result, not a crash
         sys.exit(EXIT_DIVERGED)
-    return summary
+    if metric is None:
+        return summary
+    value = objective(summary, metric, direction)
+    log.info("objective %s (%s): %s", metric, direction, value)
+    return value

@@ -46,6 +46,8 @@ SPEED = (
     # stopping watches is early_stopping.monitor (REFUSED/APPLIED, so in the identity); redefining
     # the watched extra metric itself on resume is the user's call, like changing the val split.
     "metrics",
+    # What the run reports to a hyperparameter sweeper (gddist/hparams.py), not what it trains.
+    "optimized_metric",
 )
 LENGTH = ("trainer.max_steps", "trainer.max_epochs")
 REFUSED = ("seed", "data", "model", "loss", "optimizer.name", "scheduler.name")

@@ -21,9 +21,18 @@ any job of the sweep logged. "-" means never within the run.
 Sparsity: the fraction of weight-matrix entries (parameters with ndim >= 2, the ones L1/L2
 penalize) with |w| < `sparsity_threshold`, from JOB/model.pt.
 
+Optuna sweeps (`python train.py -m hparams_search=optuna ...`, docs/hparams-search.md): one row
+per trial, first `trial` (its number, the job's) and the searched parameters (every key of
+`hydra.sweeper.params` and every override that differs between trials; floats to 4 significant
+digits), then `objective (METRIC)` (gddist.hparams.objective of the trial's summary: what the
+trial returned to Optuna, inf / -inf for a diverged one) and `best trial` (✓ on the trial with the
+best objective for `hydra.sweeper.direction`). A note names the best trial and, when the sweep
+finished, the best value Optuna wrote to MULTIRUN_DIR/optimization_results.yaml.
+
 The experiment presets (conf/experiment/*.yaml) set these options through the Hydra callback in
-gddist/hydra_callbacks.py; run by hand, the options are read from MULTIRUN_DIR/multirun.yaml when
-the sweep used that callback, and command-line flags override them.
+gddist/hydra_callbacks.py; run by hand, the options are read from MULTIRUN_DIR/multirun.yaml (the
+basic sweeper's) or the first job's .hydra/hydra.yaml (the Optuna sweeper writes no
+multirun.yaml) when the sweep used that callback, and command-line flags override them.
 """
 
 from __future__ import annotations
@@ -67,6 +76,58 @@ class Job:
     config: dict[str, Any] | None  # JOB/.hydra/config.yaml
 
 
+@dataclass
+class Study:
+    """An Optuna sweep's search, as its jobs and the sweeper recorded it."""
+
+    metric: str  # optimized_metric
+    direction: str  # minimize | maximize
+    params: list[str]  # the keys of hydra.sweeper.params
+    best_value: float | None  # optimization_results.yaml (None: the sweep did not finish)
+
+
+def sweep_hydra_config(multirun_dir: Path) -> dict[str, Any]:
+    """The sweep's `hydra` node: MULTIRUN_DIR/multirun.yaml (basic sweeper), else the first job's
+    .hydra/hydra.yaml (every job has the sweep's hydra config; the Optuna sweeper writes no
+    multirun.yaml); {} when neither exists."""
+    from omegaconf import OmegaConf
+
+    multirun_dir = Path(multirun_dir)
+    paths = [multirun_dir / "multirun.yaml"]
+    paths += sorted(multirun_dir.glob("*/.hydra/hydra.yaml"), key=_job_order)
+    for path in paths:
+        if path.exists():
+            cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            return cfg.get("hydra") or {}
+    return {}
+
+
+def load_study(multirun_dir: Path, jobs: list[Job]) -> Study | None:
+    """The Optuna search of the sweep (None when its sweeper was not Optuna's)."""
+    from omegaconf import OmegaConf
+
+    from gddist.hparams import direction_of
+
+    sweeper = sweep_hydra_config(multirun_dir).get("sweeper") or {}
+    if "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return None
+    metric = next(
+        (j.config["optimized_metric"] for j in jobs if (j.config or {}).get("optimized_metric")),
+        None,
+    )
+    if metric is None:
+        raise FileNotFoundError(
+            f"the Optuna sweep {multirun_dir} has no optimized_metric in its jobs' "
+            ".hydra/config.yaml; set optimized_metric=val/loss (hparams_search=optuna does)"
+        )
+    results = Path(multirun_dir) / "optimization_results.yaml"
+    best_value = None
+    if results.exists():
+        best_value = OmegaConf.to_container(OmegaConf.load(results)).get("best_value")
+    direction = direction_of(sweeper.get("direction") or "minimize")
+    return Study(metric, direction, list(sweeper.get("params") or {}), best_value)
+
+
 def load_jobs(multirun_dir: Path) -> list[Job]:
     """Every job dir under `multirun_dir` (a dir with .hydra/overrides.yaml), in job order."""
     from omegaconf import OmegaConf
@@ -74,7 +135,7 @@ def load_jobs(multirun_dir: Path) -> list[Job]:
     from gddist.plots import read_rows
 
     dirs = [p.parent.parent for p in Path(multirun_dir).glob("*/.hydra/overrides.yaml")]
-    dirs.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else d.name))
+    dirs.sort(key=lambda d: _job_order(d / ".hydra"))
     jobs = []
     for d in dirs:
         overrides = {}
@@ -136,24 +197,36 @@ def weight_sparsity(job_dir: Path, threshold: float) -> float | None:
     return (flat.abs() < threshold).float().mean().item()
 
 
-def table(jobs: list[Job], spec: ReportSpec) -> tuple[list[str], list[list[str]], list[str]]:
-    """(header, rows, notes) of the report table."""
+def table(
+    jobs: list[Job], spec: ReportSpec, study: Study | None = None
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, notes) of the report table; `study`: the Optuna sweep's trial columns."""
     swept, common = swept_keys(jobs)
+    if study is not None:  # a searched key stays a column even if every trial drew one value
+        searched = [k for k in study.params if any(k in j.overrides for j in jobs)]
+        swept = searched + [k for k in swept if k not in searched]
+        common = {k: v for k, v in common.items() if k not in swept}
     metric_cols = spec.columns or _default_columns(jobs)
     target = target_value(jobs, spec)
-    best = _best_job(jobs, spec) if spec.best else None
+    best = _best_job(jobs, spec) if spec.best and study is None else None
     header = [spec.labels.get(k, k) for k in swept] + ["steps", "samples"] + metric_cols
     header += ["steps to target", "samples to target", "diverged", "wall time (s)"]
     if spec.sparsity_threshold is not None:
         header.append(f"sparsity (abs(w) < {spec.sparsity_threshold:g})")
-    if spec.best:
+    if spec.best and study is None:
         header.append("best")
+    best_trial = None
+    if study is not None:
+        header = ["trial", *header, f"objective ({study.metric})", "best trial"]
+        best_trial = _best_trial(jobs, study)
     body = []
     for job in jobs:
         s = job.summary or {}
         batch = (job.config or {}).get("data", {}).get("batch_size")
         step = s.get("step")
         row = [job.overrides.get(k, "") for k in swept]
+        if study is not None:
+            row = [job.dir.name] + [_fmt_value(v) for v in row]
         row += [_fmt(step), _fmt(step * batch if step is not None and batch else None)]
         row += [_fmt(s.get(c)) for c in metric_cols]
         reached = steps_to_target(job, spec.metric, target)
@@ -167,8 +240,11 @@ def table(jobs: list[Job], spec: ReportSpec) -> tuple[list[str], list[list[str]]
         row.append(_fmt(s.get("wall_time_s"), digits=3))
         if spec.sparsity_threshold is not None:
             row.append(_fmt(weight_sparsity(job.dir, spec.sparsity_threshold)))
-        if spec.best:
+        if spec.best and study is None:
             row.append("✓" if job is best else "")
+        if study is not None:
+            row.append(_fmt(_objective(job, study)) if job.summary is not None else "-")
+            row.append("✓" if job is best_trial else "")
         body.append(row)
     notes = []
     if common:
@@ -181,6 +257,8 @@ def table(jobs: list[Job], spec: ReportSpec) -> tuple[list[str], list[list[str]]
         label = ", ".join(f"{spec.labels.get(k, k)}={best.overrides.get(k, '')}" for k in swept)
         label = label or best.dir.name
         notes.append(f"Best: {label} (final {spec.metric} {_fmt(_final(best, spec.metric))}).")
+    if study is not None:
+        notes.append(_study_note(jobs, study, swept, best_trial))
     return header, body, notes
 
 
@@ -202,7 +280,7 @@ def write_report(multirun_dir: Path, spec: ReportSpec | None = None) -> str:
             f"no Hydra job dirs (*/.hydra/overrides.yaml) under {multirun_dir}; pass the sweep dir "
             "of a `python train.py -m ...` run, e.g. multirun/2025-01-31/12-00-00"
         )
-    header, body, notes = table(jobs, spec)
+    header, body, notes = table(jobs, spec, load_study(multirun_dir, jobs))
     text = f"# Sweep report: {multirun_dir}\n\n" + markdown(header, body, notes)
     text += "\n![curves](report.png)\n"
     (multirun_dir / "report.md").write_text(text)
@@ -264,15 +342,9 @@ def plot_report(jobs: list[Job], spec: ReportSpec, path: Path) -> None:
 
 
 def spec_from_multirun(multirun_dir: Path) -> ReportSpec:
-    """The options the sweep's SweepReport callback had (MULTIRUN_DIR/multirun.yaml), else
-    the defaults."""
-    path = Path(multirun_dir) / "multirun.yaml"
-    if not path.exists():
-        return ReportSpec()
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    callbacks = (cfg.get("hydra") or {}).get("callbacks") or {}
+    """The options the sweep's SweepReport callback had (sweep_hydra_config), else the
+    defaults."""
+    callbacks = sweep_hydra_config(multirun_dir).get("callbacks") or {}
     for params in callbacks.values():
         if params.get("_target_") == CALLBACK:
             return spec_from_dict({k: v for k, v in params.items() if k != "_target_"})
@@ -342,6 +414,54 @@ def _final(job: Job, metric: str) -> float | None:
         return value
     values = _values(job, metric)
     return values[-1] if values else None
+
+
+def _job_order(hydra_dir: Path) -> tuple[bool, int | str]:
+    """Job dirs (given by their .hydra/ or any file in them) in job number order."""
+    name = hydra_dir.parent.name if hydra_dir.name == ".hydra" else hydra_dir.parent.parent.name
+    return (not name.isdigit(), int(name) if name.isdigit() else name)
+
+
+def _objective(job: Job, study: Study) -> float:
+    from gddist.hparams import objective
+
+    return objective(job.summary or {}, study.metric, study.direction)
+
+
+def _best_trial(jobs: list[Job], study: Study) -> Job | None:
+    """The finished trial with the best objective (the first of equals, as Optuna keeps it)."""
+    done = [j for j in jobs if j.summary is not None]
+    if not done:
+        return None
+    sign = 1 if study.direction == "minimize" else -1
+    return min(done, key=lambda j: sign * _objective(j, study))
+
+
+def _study_note(jobs: list[Job], study: Study, swept: list[str], best: Job | None) -> str:
+    from gddist.hparams import worst
+
+    diverged = sum(1 for j in jobs if j.summary is not None and not _finite(_objective(j, study)))
+    text = (
+        f"Optuna search: {len(jobs)} trials, {study.direction} {study.metric}; a diverged trial "
+        f"returns {_fmt(worst(study.direction))} "
+        f"({diverged} here)."
+    )
+    if best is not None:
+        values = " ".join(f"{k}={_fmt_value(best.overrides.get(k, ''))}" for k in swept)
+        text += f" Best trial: {best.dir.name} ({values}), {study.metric} "
+        text += _fmt(_objective(best, study)) + "."
+    if study.best_value is not None:
+        text += f" optimization_results.yaml: best_value {_fmt(float(study.best_value))}."
+    return text
+
+
+def _fmt_value(value: str) -> str:
+    """An override value as a table cell: a float (Optuna's full repr) to 4 significant digits."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if "." not in value and "e" not in value.lower() else f"{number:.4g}"
 
 
 def _best_job(jobs: list[Job], spec: ReportSpec) -> Job | None:

@@ -67,6 +67,9 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    # The value the run returns to a Hydra sweeper (gddist/hparams.py): train/loss or a val/*
+    # metric; null: the run returns its summary dict. conf/hparams_search/* set it.
+    optimized_metric: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -79,6 +82,14 @@ class Config:
     def validate(self) -> None:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise UserError(f"seed={self.seed} must be an int >= 0")
+        metric = self.optimized_metric
+        if metric is not None and not (
+            isinstance(metric, str) and (metric == "train/loss" or metric.startswith("val/"))
+        ):
+            raise UserError(
+                f"optimized_metric={metric!r} must be train/loss or a validation metric such as "
+                "val/loss or val/accuracy (or null: no objective)"
+            )
         for section in (
             self.data,
             self.model,

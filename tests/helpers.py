@@ -111,6 +111,15 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
 
 
+def assert_same_optimization(one: Path, two: Path, steps: int, tol: float = 1e-5) -> None:
+    """Two runs (e.g. 1 and 2 processes) logged a train loss at every step 1..steps, within `tol`
+    of each other at each step, and ended with weights (buffers included) within `tol`."""
+    a, b = train_losses(one), train_losses(two)
+    assert list(a) == list(range(1, steps + 1)) and list(b) == list(a)
+    assert max(abs(a[s] - b[s]) for s in a) < tol
+    assert max_weight_diff(load_model(one), load_model(two)) < tol
+
+
 def kill_all(procs: list[subprocess.Popen]) -> None:
     """SIGKILL the process groups of the processes still running, and reap them all."""
     import signal

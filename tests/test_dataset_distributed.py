@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 from helpers import (
     assert_bit_identical,
+    assert_same_optimization,
     check,
     clean_env,
     cli,
     cli_cmd,
     load_model,
-    max_weight_diff,
     start,
     torchrun,
     train_losses,
@@ -110,14 +110,6 @@ def kill_after_checkpoint(proc: subprocess.Popen, cwd: Path, past: int) -> str:
     return out
 
 
-def assert_same_optimization(one: Path, two: Path, steps: int = STEPS) -> None:
-    """Per-step train losses and final weights (buffers included) within 1e-5."""
-    a, b = train_losses(one), train_losses(two)
-    assert list(a) == list(range(1, steps + 1)) and list(b) == list(a)
-    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
-    assert max_weight_diff(load_model(one), load_model(two)) < 1e-5
-
-
 # ----------------------------------------------------------------- shared reference runs
 
 
@@ -157,13 +149,13 @@ def uninterrupted(runs) -> Path:
 
 
 def test_augmented_dataset_one_process_equals_two_with_workers(one_workers_2, two_workers_2):
-    assert_same_optimization(one_workers_2, two_workers_2)
+    assert_same_optimization(one_workers_2, two_workers_2, STEPS)
 
 
 def test_augmented_dataset_one_process_without_workers_equals_two(
     one_workers_0, one_workers_2, two_workers_2
 ):
-    assert_same_optimization(one_workers_0, two_workers_2)
+    assert_same_optimization(one_workers_0, two_workers_2, STEPS)
     # Who reads a sample (the trainer itself or a worker) changes nothing at all.
     assert_bit_identical(load_model(one_workers_0), load_model(one_workers_2))
 
@@ -241,6 +233,6 @@ def test_fit_from_a_user_script_under_torchrun_equals_plain_python(tmp_path, one
     run(sys.executable, str(script), str(tmp_path / "one"))
     torchrun_ = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     run(*torchrun_, "--nproc_per_node=2", str(script), str(tmp_path / "two"))
-    assert_same_optimization(tmp_path / "one", tmp_path / "two")
+    assert_same_optimization(tmp_path / "one", tmp_path / "two", STEPS)
     # The script's objects train what `python train.py` trains from the same config's nodes.
     assert_bit_identical(load_model(tmp_path / "one"), load_model(one_workers_0))

@@ -17,13 +17,13 @@ import pytest
 import torch
 from helpers import (
     assert_bit_identical,
+    assert_same_optimization,
     check,
     cli,
     cli_cmd,
     compose,
     last_step,
     load_model,
-    max_weight_diff,
     rows,
     start,
     torchrun,
@@ -152,10 +152,7 @@ def test_two_processes_train_what_one_does(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     check(cli(*no_dropout, f"hydra.run.dir={one}"))
     check(torchrun(2, *no_dropout, f"hydra.run.dir={two}"))
-    a, b = train_losses(one), train_losses(two)
-    assert a.keys() == b.keys() == set(range(1, 61))
-    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
-    assert max_weight_diff(load_model(one), load_model(two)) < 1e-5
+    assert_same_optimization(one, two, 60)
 
 
 @pytest.mark.slow
